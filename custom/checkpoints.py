@@ -1,0 +1,186 @@
+"""Checkpoints that survive being killed: atomic writes, resume from the last one, safe loading.
+
+MONAI's ``CheckpointSaver`` writes in place (``atomic=False``), so a process killed while saving
+can leave a truncated file where the last good checkpoint was. Here every file is written to a
+temporary name in the same folder, flushed to disk and renamed over the old one, which POSIX
+guarantees to be atomic. Every load uses ``torch.load(..., weights_only=True)``: a checkpoint can
+carry tensors and plain containers, never code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from ignite.engine import Engine, Events
+
+logger = logging.getLogger(__name__)
+
+
+def _is_main_process() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The plain module inside a ``DistributedDataParallel`` or ``DataParallel`` wrapper."""
+    return module.module if hasattr(module, "module") and isinstance(module.module, torch.nn.Module) else module
+
+
+def _plain(obj: Any) -> Any:
+    return unwrap(obj) if isinstance(obj, torch.nn.Module) else obj
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """Save ``obj`` with ``torch.save`` so that ``path`` is either the old file or the complete new one.
+
+    Args:
+        obj: what to save (state dicts, tensors, plain containers).
+        path: destination file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def safe_load(path: str | os.PathLike, map_location: str | torch.device | None = "cpu") -> Any:
+    """Load a checkpoint with ``weights_only=True``; a pickled object payload is refused.
+
+    Args:
+        path: checkpoint file.
+        map_location: device the tensors are loaded to.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError or RuntimeError depending on the payload
+        raise ValueError(
+            f"refusing to load {path}: it is not a plain weights file (weights_only=True failed: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Only load checkpoints you trust."
+        ) from e
+
+
+def load_network_weights(network: torch.nn.Module, path: str | os.PathLike, key: str = "network") -> torch.nn.Module:
+    """Load weights saved by this bundle into ``network`` with a clear error on a shape mismatch.
+
+    Args:
+        network: the network to fill (a DDP wrapper is unwrapped).
+        path: a file holding a state dict, or a dict with the state dict under ``key``.
+        key: entry of a full training checkpoint that holds the network weights.
+    """
+    state = safe_load(path)
+    if isinstance(state, Mapping) and key in state:
+        state = state[key]
+    try:
+        unwrap(network).load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(
+            f"the weights in {path} do not fit this network (was it trained with another network "
+            f"configuration?): {str(e).splitlines()[0]}"
+        ) from e
+    return network
+
+
+class ResumableCheckpoint:
+    """Save the training state every ``save_interval`` epochs and resume from it when it exists.
+
+    Attach it to the trainer. At start it loads ``<save_dir>/last.pt`` if present, so re-running a
+    killed training continues where the last save left it and stops at the same final iteration.
+    Only rank 0 writes.
+
+    Args:
+        save_dir: folder of ``last.pt``.
+        save_dict: objects with ``state_dict``/``load_state_dict`` (network, optimizer, ...); the
+            trainer's own state is added under ``trainer``.
+        save_interval: epochs between saves.
+        map_location: device for loading.
+    """
+
+    def __init__(
+        self,
+        save_dir: str | os.PathLike,
+        save_dict: Mapping[str, Any],
+        save_interval: int = 1,
+        map_location: str | torch.device | None = "cpu",
+    ) -> None:
+        self.path = Path(save_dir) / "last.pt"
+        self.save_dict = dict(save_dict)
+        self.save_interval = save_interval
+        self.map_location = map_location
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.resume)
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self.save)
+        engine.add_event_handler(Events.COMPLETED, self.save)
+
+    def resume(self, engine: Engine) -> None:
+        if not self.path.is_file():
+            return
+        state = safe_load(self.path, self.map_location)
+        for name, obj in self.save_dict.items():
+            _plain(obj).load_state_dict(state[name])
+        trainer_state = state["trainer"]
+        engine.state.epoch = int(trainer_state["epoch"])
+        engine.state.iteration = int(trainer_state["iteration"])
+        logger.info(f"resumed from {self.path} at epoch {engine.state.epoch}, iteration {engine.state.iteration}")
+        if engine.state.epoch >= engine.state.max_epochs:
+            engine.terminate()
+
+    def save(self, engine: Engine) -> None:
+        if not _is_main_process():
+            return
+        state = {name: _plain(obj).state_dict() for name, obj in self.save_dict.items()}
+        state["trainer"] = {"epoch": engine.state.epoch, "iteration": engine.state.iteration}
+        atomic_torch_save(state, self.path)
+
+
+class BestModelSaver:
+    """Write the network's weights when the evaluator's key metric improves (atomic, rank 0 only).
+
+    Attach it to the validation evaluator.
+
+    Args:
+        network: the network whose weights are saved (a DDP wrapper is unwrapped).
+        path: destination file, e.g. ``models/model.pt``.
+        metric_name: key of ``engine.state.metrics`` to maximise; ``None`` uses the evaluator's key metric.
+    """
+
+    def __init__(self, network: torch.nn.Module, path: str | os.PathLike, metric_name: str | None = None) -> None:
+        self.network = network
+        self.path = Path(path)
+        self.metric_name = metric_name
+        self.best = -float("inf")
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def state_dict(self) -> dict:
+        """The best score so far, so that a resumed training does not overwrite a better model."""
+        return {"best": self.best}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.best = float(state["best"])
+
+    def __call__(self, engine: Engine) -> None:
+        name = self.metric_name or engine.state.key_metric_name
+        value = float(engine.state.metrics[name])
+        if value > self.best and _is_main_process():
+            self.best = value
+            atomic_torch_save(unwrap(self.network).state_dict(), self.path)
+            logger.info(f"saved {self.path} ({name} = {value:.4f})")
