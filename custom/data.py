@@ -1,0 +1,141 @@
+"""Which cases a workflow sees: the prepared datalist split into training, validation and test.
+
+The prepared datalist (written by pre-registration, see docs/architecture.md) has a fixed
+``testing`` section and ``training`` entries carrying a cross-validation ``fold``. Training
+uses every fold but ``val_fold``; validation uses ``val_fold``; evaluation uses ``testing``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+PATH_KEYS = ("image", "target", "mask")
+
+
+def read_datalist(datalist: str | os.PathLike) -> dict[str, list[dict]]:
+    """Read a prepared datalist and make its image paths absolute.
+
+    Args:
+        datalist: path of ``datalist.json``; relative image paths are relative to its folder.
+    """
+    path = Path(datalist)
+    if not path.is_file():
+        raise FileNotFoundError(f"datalist not found: {path}")
+    try:
+        content = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"datalist {path} is not valid JSON: {e}") from e
+    for section in ("training", "testing"):
+        if not isinstance(content.get(section), list):
+            raise ValueError(f"datalist {path} has no '{section}' list")
+    for section, entries in content.items():
+        if not isinstance(entries, list):
+            continue
+        for entry in entries:
+            for key in PATH_KEYS:
+                if key in entry and not os.path.isabs(entry[key]):
+                    entry[key] = str((path.parent / entry[key]).resolve())
+    return content
+
+
+def check_no_leakage(cases: list[dict], test_cases: list[dict], what: str) -> None:
+    """Raise if a test patient is among ``cases`` (learning from the test set would invalidate it).
+
+    Args:
+        cases: the cases a training step will learn from.
+        test_cases: the held-out test cases.
+        what: name of the training step, for the message.
+    """
+    leaked = sorted({c["patient"] for c in cases} & {c["patient"] for c in test_cases})
+    if leaked:
+        raise ValueError(f"{what} would use test patients {leaked}: the test split must stay unseen.")
+
+
+def check_files_exist(cases: list[dict], datalist: str | os.PathLike) -> None:
+    """Raise one clear error listing every image file the datalist names but the disk lacks.
+
+    Args:
+        cases: datalist entries with absolute paths.
+        datalist: the datalist's path, for the message.
+    """
+    missing = [c[k] for c in cases for k in PATH_KEYS if k in c and not os.path.isfile(c[k])]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise FileNotFoundError(f"datalist {datalist} names files that do not exist: {shown}")
+
+
+class DatasetSplit:
+    """The training, validation and test cases of a prepared dataset.
+
+    Args:
+        datalist: path of the prepared ``datalist.json``.
+        val_fold: cross-validation fold held out for validation (0-4); ``None`` trains on all folds.
+        cohort_dir: where to generate the synthetic cohort if the datalist does not exist yet.
+        num_patients: size of the synthetic cohort generated on first use.
+        grid: voxels of the prepared grid used when preparing the synthetic cohort on first use.
+    """
+
+    def __init__(
+        self,
+        datalist: str | os.PathLike,
+        val_fold: int | None = 0,
+        cohort_dir: str | os.PathLike | None = None,
+        num_patients: int = 24,
+        grid: tuple[int, int, int] = (96, 96, 96),
+    ) -> None:
+        self.datalist = Path(datalist)
+        self.val_fold = val_fold
+        self.cohort_dir = Path(cohort_dir) if cohort_dir is not None else None
+        self.num_patients = num_patients
+        self.grid = tuple(grid)
+
+    def ensure(self) -> Path:
+        """Generate and prepare the synthetic cohort when no datalist exists (first use)."""
+        if self.datalist.is_file():
+            return self.datalist
+        if self.cohort_dir is None:
+            raise FileNotFoundError(f"datalist not found: {self.datalist}")
+        from custom.preregistration import prepare_cohort
+        from custom.synthetic import generate_cohort
+
+        cohort_datalist = self.cohort_dir / "datalist.json"
+        if not cohort_datalist.is_file():
+            logger.info(f"no dataset at {self.datalist}: generating the synthetic cohort in {self.cohort_dir}")
+            generate_cohort(self.cohort_dir, n_patients=self.num_patients)
+        prepare_cohort(self.cohort_dir, self.datalist.parent, grid=self.grid)
+        return self.datalist
+
+    def _content(self) -> dict[str, list[dict]]:
+        content = read_datalist(self.datalist)
+        check_no_leakage(content["training"], content["testing"], "training")
+        return content
+
+    def training(self) -> list[dict]:
+        """Training cases: every fold except the validation fold."""
+        content = self._content()
+        cases = [c for c in content["training"] if self.val_fold is None or c.get("fold") != self.val_fold]
+        check_files_exist(cases, self.datalist)
+        return cases
+
+    def validation(self, num_cases: int | None = None) -> list[dict]:
+        """Validation cases: the validation fold, at most ``num_cases`` of them.
+
+        Args:
+            num_cases: cap on the number of cases (whole-volume sampling is slow); ``None`` for all.
+        """
+        content = self._content()
+        cases = [c for c in content["training"] if self.val_fold is not None and c.get("fold") == self.val_fold]
+        cases = cases[:num_cases] if num_cases is not None else cases
+        check_files_exist(cases, self.datalist)
+        return cases
+
+    def testing(self) -> list[dict]:
+        """The held-out test cases."""
+        cases = self._content()["testing"]
+        check_files_exist(cases, self.datalist)
+        return cases
