@@ -57,6 +57,17 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         raise
 
 
+def save_weights(network: torch.nn.Module, path: str | os.PathLike) -> Path:
+    """Write a network's weights (its state dict, unwrapped from DDP) atomically.
+
+    Args:
+        network: the trained network.
+        path: destination file.
+    """
+    atomic_torch_save(unwrap(network).state_dict(), path)
+    return Path(path)
+
+
 def safe_load(path: str | os.PathLike, map_location: str | torch.device | None = "cpu") -> Any:
     """Load a checkpoint with ``weights_only=True``; a pickled object payload is refused.
 
