@@ -1,0 +1,150 @@
+"""The synthetic IPF cohort has the properties the method relies on, not just the files."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from custom.constants import LEFT_LUNG, LESION_LABELS, RIGHT_LUNG
+from custom.synthetic import generate_cohort, patient_rng, sample_patient
+
+N = 8
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cohort")
+    generate_cohort(out, n_patients=N, seed=3)
+    return out
+
+
+def _load(path):
+    img = nib.load(str(path))
+    return np.asarray(img.dataobj), img.affine
+
+
+def _rows(cohort):
+    with open(cohort / "lung_function.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_hounsfield_ranges_per_tissue(cohort):
+    hu, _ = _load(cohort / "SYN0000" / "initial.nii.gz")
+    lungs, _ = _load(cohort / "SYN0000" / "initial_lungs.nii.gz")
+    lesions, _ = _load(cohort / "SYN0000" / "initial_lesions.nii.gz")
+    parenchyma = hu[(lungs > 0) & (lesions == 0)]
+    assert -900 < np.median(parenchyma) < -780
+    corner = hu[:5, :5, :]
+    assert abs(corner.mean() + 1000) < 30  # air outside the body
+    assert hu.max() > 400  # bone
+    fat = ((hu > -150) & (hu < -50)).mean()
+    soft = ((hu > 0) & (hu < 80)).mean()
+    assert fat > 0.01 and soft > 0.05
+    reticulation = hu[lesions == LESION_LABELS["reticulation"]]
+    ground_glass = hu[lesions == LESION_LABELS["ground_glass"]]
+    assert np.median(ground_glass) > np.median(parenchyma) + 200
+    assert reticulation.max() > -250
+    honey = hu[lesions == LESION_LABELS["honeycombing"]]
+    if honey.size:
+        assert (honey < -900).mean() > 0.3 and (honey > -200).mean() > 0.05  # cysts with walls
+
+
+def test_lesions_grow_in_progressors_not_in_stable_patients(cohort):
+    growth = {}
+    for row in _rows(cohort):
+        before, _ = _load(cohort / row["Patient"] / "initial_lesions.nii.gz")
+        after, aff = _load(cohort / row["Patient"] / "followup_lesions.nii.gz")
+        voxel_ml = abs(np.linalg.det(aff[:3, :3])) / 1000
+        growth[row["Patient"]] = ((after > 0).sum() - (before > 0).sum()) * voxel_ml, int(row["Progression"])
+    prog = [g for g, p in growth.values() if p]
+    stable = [g for g, p in growth.values() if not p]
+    assert prog and stable
+    assert min(prog) > 0
+    assert np.mean(prog) > 2 * max(np.mean(stable), 0.1)
+
+
+def test_fvc_decline_agrees_with_the_label(cohort):
+    for row in _rows(cohort):
+        decline = (float(row["FVC"]) - float(row["FollowupFVC"])) / float(row["FVC"])
+        assert int(row["Progression"]) == int(decline >= 0.10 - 1e-3), row
+
+
+def _dice(a, b):
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+def test_saved_transforms_map_followup_lungs_onto_initial_lungs(cohort):
+    for pid in ("SYN0000", "SYN0001", "SYN0002"):
+        initial, affine = _load(cohort / pid / "initial_lungs.nii.gz")
+        followup, _ = _load(cohort / pid / "followup_lungs.nii.gz")
+        transforms = json.loads((cohort / pid / "transforms.json").read_text())
+        idx = np.stack(np.meshgrid(*[np.arange(n) for n in initial.shape], indexing="ij"), -1).reshape(-1, 3)
+        world = idx @ affine[:3, :3].T + affine[:3, 3]
+        for name, label in (("left_lung", LEFT_LUNG), ("right_lung", RIGHT_LUNG)):
+            t = np.asarray(transforms[name])
+            moved = world @ t[:3, :3].T + t[:3, 3]
+            vox = (moved - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T
+            warped = ndimage.map_coordinates((followup == label).astype(np.float32), vox.T, order=1).reshape(initial.shape)
+            dice = _dice(warped > 0.5, initial == label)
+            assert dice > 0.95, (pid, name, dice)
+        # Without the transforms the lungs do not line up as well: registration is needed.
+        assert _dice(followup > 0, initial > 0) < 0.95
+
+
+def _hashes(folder):
+    return {p.relative_to(folder).as_posix(): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_identical_bytes_other_seed_differs(tmp_path):
+    generate_cohort(tmp_path / "a", n_patients=2, seed=7)
+    generate_cohort(tmp_path / "b", n_patients=2, seed=7)
+    generate_cohort(tmp_path / "c", n_patients=2, seed=8)
+    a, b, c = _hashes(tmp_path / "a"), _hashes(tmp_path / "b"), _hashes(tmp_path / "c")
+    assert a == b and len(a) >= 15
+    assert a["SYN0000/initial.nii.gz"] != c["SYN0000/initial.nii.gz"]
+
+
+def test_split_is_disjoint_and_folds_cover_training(cohort):
+    datalist = json.loads((cohort / "datalist.json").read_text())
+    train = {e["patient"] for e in datalist["training"]}
+    test = {e["patient"] for e in datalist["testing"]}
+    assert not train & test and len(train | test) == N and test
+    assert {e["fold"] for e in datalist["training"]} <= set(range(5))
+    for entry in datalist["training"] + datalist["testing"]:
+        assert (cohort / entry["initial"]).is_file() and (cohort / entry["followup_lungs"]).is_file()
+
+
+def test_progression_depends_on_baseline_values():
+    patients = [sample_patient(f"P{i}", patient_rng(11, i)) for i in range(600)]
+    percent = np.array([p.percent for p in patients])
+    decline = np.array([p.decline for p in patients])
+    assert np.corrcoef(percent, decline)[0, 1] < -0.2
+    smokers = decline[[p.smoking == "Currently smokes" for p in patients]]
+    never = decline[[p.smoking == "Never smoked" for p in patients]]
+    assert smokers.mean() > never.mean() + 0.02
+    rate = np.mean([p.progression for p in patients])
+    assert 0.25 < rate < 0.6
+    assert all(p.followup_burden >= p.burden for p in patients)
+
+
+def test_dicom_series_matches_the_nifti(tmp_path):
+    import SimpleITK as sitk
+
+    generate_cohort(tmp_path, n_patients=1, seed=5, write_dicom=True)
+    folder = tmp_path / "SYN0000" / "initial_dicom"
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    image = reader.Execute()
+    from_dicom = sitk.GetArrayFromImage(image).transpose(2, 1, 0)  # (x, y, z)
+    hu, affine = _load(tmp_path / "SYN0000" / "initial.nii.gz")
+    # DICOM is LPS: x and y axes are flipped relative to RAS, origin likewise.
+    assert np.array_equal(from_dicom, hu)
+    assert np.allclose(image.GetSpacing(), np.linalg.norm(affine[:3, :3], axis=0), atol=1e-3)
+    origin_ras = np.array(image.GetOrigin()) * [-1, -1, 1]
+    assert np.allclose(origin_ras, affine[:3, 3], atol=1e-3)
