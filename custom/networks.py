@@ -1,0 +1,174 @@
+"""The CIResDiff denoiser: a 3D attention U-Net with timestep embedding and text cross-attention.
+
+Encoder and decoder levels are MONAI's timestep-conditioned residual blocks
+(``DiffusionUNetResnetBlock``); the skip connections pass through additive attention gates
+(Oktay et al., "Attention U-Net", MIDL 2018, Eq. 1-2) driven by the coarser decoder features;
+coarse levels optionally fuse the lung-function text features (``custom.fusion``), and the
+bottleneck has self-attention. The input is ``[x_t, y0]`` (2 channels), the output one channel:
+the predicted follow-up x0 (residual shift) or the noise (DDPM baseline).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import SpatialAttentionBlock
+from monai.networks.nets.diffusion_model_unet import DiffusionUNetResnetBlock, get_timestep_embedding
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from custom.fusion import build_fusion
+
+
+class AttentionGate(nn.Module):
+    """Additive attention gate on a skip connection (Oktay et al. 2018, Eq. 1-2).
+
+    The gating signal g (decoder features, upsampled to the skip's size) and the skip features x
+    give a voxel-wise coefficient alpha = sigmoid(psi(relu(W_g g + W_x x))) that scales x, so the
+    decoder takes from the skip only what the coarser context finds relevant. No batch norm:
+    diffusion training uses small batches of patches.
+
+    Args:
+        skip_channels: channels of the skip features x.
+        gate_channels: channels of the gating signal g.
+        inter_channels: channels of the intermediate representation.
+    """
+
+    def __init__(self, skip_channels: int, gate_channels: int, inter_channels: int) -> None:
+        super().__init__()
+        self.w_x = nn.Conv3d(skip_channels, inter_channels, kernel_size=1, bias=False)
+        self.w_g = nn.Conv3d(gate_channels, inter_channels, kernel_size=1)
+        self.psi = nn.Conv3d(inter_channels, 1, kernel_size=1)
+
+    def forward(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        alpha = torch.sigmoid(self.psi(F.relu(self.w_x(x) + self.w_g(g))))
+        return x * alpha
+
+
+class _Level(nn.Module):
+    """Residual blocks of one resolution, each optionally followed by text fusion."""
+
+    def __init__(self, in_ch: int, out_ch: int, temb: int, blocks: int, groups: int, fusion: nn.Module | None) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            DiffusionUNetResnetBlock(3, in_ch if i == 0 else out_ch, temb, out_ch, norm_num_groups=groups)
+            for i in range(blocks)
+        )
+        self.fusion = fusion
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        for block in self.blocks:
+            h = block(h, emb)
+        if self.fusion is not None and context is not None:
+            h = self.fusion(h, context)
+        return h
+
+
+class AttentionDiffusionUNet(nn.Module):
+    """3D attention U-Net denoiser of CIResDiff (Sec. 2.2 and Fig. 1), called like MONAI's DiffusionModelUNet.
+
+    ``forward(x, timesteps, context)``: x is ``[x_t, y0]`` (B, 2, D, H, W) with sides divisible by
+    ``2 ** (len(channels) - 1)``; timesteps (B,); context (B, L, context_dim) or ``None`` (then
+    text fusion is skipped, e.g. for MONAI Label calls without a lung-function record).
+
+    Args:
+        spatial_dims: must be 3.
+        in_channels: input channels (x_t and y0).
+        out_channels: output channels.
+        channels: feature channels per resolution level.
+        attention_levels: levels (same length as ``channels``) that fuse the text context.
+        num_res_blocks: residual blocks per level in the encoder and the decoder.
+        norm_num_groups: GroupNorm groups; must divide every entry of ``channels``.
+        num_head_channels: channels per attention head of the bottleneck self-attention and fusion.
+        with_conditioning: build the text-fusion blocks.
+        context_dim: width of the text token features.
+        fusion_mode: ``"standard"`` or ``"paper"`` (see ``custom.fusion``).
+        use_checkpointing: recompute activations in the backward pass to save memory.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        in_channels: int = 2,
+        out_channels: int = 1,
+        channels: Sequence[int] = (32, 64, 128, 256),
+        attention_levels: Sequence[bool] = (False, False, True, True),
+        num_res_blocks: int = 1,
+        norm_num_groups: int = 8,
+        num_head_channels: int = 32,
+        with_conditioning: bool = True,
+        context_dim: int = 256,
+        fusion_mode: str = "standard",
+        use_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if spatial_dims != 3:
+            raise ValueError("AttentionDiffusionUNet is a 3D network (spatial_dims=3).")
+        if len(attention_levels) != len(channels):
+            raise ValueError("attention_levels must have one entry per level of channels.")
+        if any(c % norm_num_groups for c in channels):
+            raise ValueError(f"norm_num_groups ({norm_num_groups}) must divide every channel count {tuple(channels)}.")
+        self.channels = tuple(channels)
+        self.use_checkpointing = use_checkpointing
+        temb = channels[0] * 4
+        self.time_embed = nn.Sequential(nn.Linear(channels[0], temb), nn.SiLU(), nn.Linear(temb, temb))
+        self.stem = nn.Conv3d(in_channels, channels[0], kernel_size=3, padding=1)
+
+        def fusion(ch: int, level: int) -> nn.Module | None:
+            if not (with_conditioning and attention_levels[level]):
+                return None
+            return build_fusion(fusion_mode, ch, context_dim, num_heads=max(ch // num_head_channels, 1),
+                                norm_num_groups=norm_num_groups)
+
+        self.down = nn.ModuleList()
+        self.downsample = nn.ModuleList()
+        for i, ch in enumerate(channels):
+            self.down.append(_Level(channels[max(i - 1, 0)], ch, temb, num_res_blocks, norm_num_groups, fusion(ch, i)))
+            if i < len(channels) - 1:
+                self.downsample.append(nn.Conv3d(ch, ch, kernel_size=3, stride=2, padding=1))
+        bottom = channels[-1]
+        self.mid_block1 = DiffusionUNetResnetBlock(3, bottom, temb, bottom, norm_num_groups=norm_num_groups)
+        self.mid_attention = SpatialAttentionBlock(
+            3, bottom, num_head_channels=num_head_channels, norm_num_groups=norm_num_groups, use_flash_attention=True
+        )
+        self.mid_block2 = DiffusionUNetResnetBlock(3, bottom, temb, bottom, norm_num_groups=norm_num_groups)
+        self.up = nn.ModuleList()
+        self.gates = nn.ModuleList()
+        self.upsample = nn.ModuleList()
+        for i in reversed(range(len(channels) - 1)):
+            ch, coarse = channels[i], channels[i + 1]
+            self.upsample.append(nn.Conv3d(coarse, ch, kernel_size=3, padding=1))
+            self.gates.append(AttentionGate(ch, ch, max(ch // 2, 1)))
+            self.up.append(_Level(2 * ch, ch, temb, num_res_blocks, norm_num_groups, fusion(ch, i)))
+        self.out = nn.Sequential(
+            nn.GroupNorm(norm_num_groups, channels[0]), nn.SiLU(), nn.Conv3d(channels[0], out_channels, 3, padding=1)
+        )
+
+    def _run(self, module: nn.Module, *args: torch.Tensor | None) -> torch.Tensor:
+        if self.use_checkpointing and self.training:
+            return checkpoint(module, *args, use_reentrant=False)
+        return module(*args)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        factor = 2 ** (len(self.channels) - 1)
+        if any(s % factor for s in x.shape[2:]):
+            raise ValueError(f"spatial size {tuple(x.shape[2:])} must be divisible by {factor}.")
+        timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
+        emb = self.time_embed(get_timestep_embedding(timesteps, self.channels[0]).to(x.dtype))
+        h = self.stem(x)
+        skips = []
+        for i, level in enumerate(self.down):
+            h = self._run(level, h, emb, context)
+            if i < len(self.downsample):
+                skips.append(h)
+                h = self.downsample[i](h)
+        h = self.mid_block1(h, emb)
+        h = self.mid_attention(h)
+        h = self.mid_block2(h, emb)
+        for upsample, gate, level in zip(self.upsample, self.gates, self.up):
+            skip = skips.pop()
+            h = upsample(F.interpolate(h, size=skip.shape[2:], mode="nearest"))
+            h = self._run(level, torch.cat([gate(skip, h), h], dim=1), emb, context)
+        return self.out(h)
