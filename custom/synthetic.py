@@ -27,7 +27,6 @@ fit a 96 mm cube, so that the whole pipeline runs on a laptop CPU.
 from __future__ import annotations
 
 import csv
-import gzip
 import hashlib
 import io
 import json
@@ -37,11 +36,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
 from custom.constants import LEFT_LUNG, LESION_LABELS, RIGHT_LUNG
+from custom.io import atomic_write_bytes, nifti_bytes
 
 SMOKING = ("Never smoked", "Ex-smoker", "Currently smokes")
 DEFAULT_BODY_SCALE = 0.25
@@ -171,7 +170,7 @@ class ChestPhantom:
         self.heart_axes = np.array([0.33 * hx, 0.40 * hy, 0.33 * hz])
         self.vessels = [self._vessel_tree(rng, i) for i in range(2)]
         self.field_seed = int(rng.integers(2**31))
-        self.cyst_centres = rng.uniform(-1, 1, (400, 3))
+        self.cyst_phase = rng.uniform(0.5, 2.0, (3, 3))
         self._atlas: tuple[np.ndarray, np.ndarray, float] | None = None
 
     def _vessel_tree(self, rng: np.random.Generator, side: int) -> list[tuple[np.ndarray, np.ndarray, float]]:
@@ -350,14 +349,13 @@ class ChestPhantom:
             hu[ret] = np.where(np.abs(net) < 0.25, -150.0, -620.0)
         honey = lesion == LESION_LABELS["honeycombing"]
         if honey.any():
-            p = pts[honey]
-            centres = self.cyst_centres * self.half
-            cyst_r = 2.6 * max(self.s, 0.25) ** 0.5
-            d = np.full(len(p), np.inf)
-            for chunk in np.array_split(centres, 8):
-                d = np.minimum(d, np.linalg.norm(p[:, None, :] - chunk[None], axis=-1).min(1))
-            cell = np.mod(d, cyst_r)
-            hu[honey] = np.where(cell < 0.75 * cyst_r, -960.0, -50.0)
+            # Clustered cysts: one per cell of a jittered lattice, air inside, a dense wall around.
+            pitch = 3.0 * (max(self.s, 0.25) / 0.25) ** 0.5
+            q = pts[honey] / pitch
+            cell = np.floor(q)
+            jitter = 0.12 * np.sin(cell @ self.cyst_phase)
+            d = np.linalg.norm(q - cell - 0.5 - jitter, axis=-1) * pitch
+            hu[honey] = np.where(d < 0.36 * pitch, -960.0, -40.0)
         return hu
 
 
@@ -420,36 +418,6 @@ def piecewise_inverse_map(
     for w, src in zip(weights, sources):
         out += (w / total)[..., None] * src
     return out
-
-
-def _nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
-    """Gzipped NIfTI bytes with a zero timestamp, so equal inputs give identical files."""
-    img = nib.Nifti1Image(array, affine)
-    img.header.set_xyzt_units("mm")
-    img.header.set_qform(affine, code=1)
-    img.header.set_sform(affine, code=1)
-    buffer = io.BytesIO()
-    with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0, compresslevel=1) as gz:
-        gz.write(img.to_bytes())
-    return buffer.getvalue()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename.
-
-    Args:
-        path: destination.
-        data: content.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_dicom_series(folder: Path, hu: np.ndarray, affine: np.ndarray, patient_id: str, uid_seed: str) -> None:
@@ -536,12 +504,12 @@ def generate_patient(
     hu1, lungs1, lesions1 = phantom.render(follow_pts, patient.followup_burden, rng)
 
     files = {
-        "initial.nii.gz": _nifti_bytes(np.round(hu0).clip(-1024, 3071).astype(np.int16), affine),
-        "followup.nii.gz": _nifti_bytes(np.round(hu1).clip(-1024, 3071).astype(np.int16), affine),
-        "initial_lungs.nii.gz": _nifti_bytes(lungs0, affine),
-        "followup_lungs.nii.gz": _nifti_bytes(lungs1, affine),
-        "initial_lesions.nii.gz": _nifti_bytes(lesions0, affine),
-        "followup_lesions.nii.gz": _nifti_bytes(lesions1, affine),
+        "initial.nii.gz": nifti_bytes(np.round(hu0).clip(-1024, 3071).astype(np.int16), affine),
+        "followup.nii.gz": nifti_bytes(np.round(hu1).clip(-1024, 3071).astype(np.int16), affine),
+        "initial_lungs.nii.gz": nifti_bytes(lungs0, affine),
+        "followup_lungs.nii.gz": nifti_bytes(lungs1, affine),
+        "initial_lesions.nii.gz": nifti_bytes(lesions0, affine),
+        "followup_lesions.nii.gz": nifti_bytes(lesions1, affine),
     }
     transforms = {
         "convention": "4x4 RAS mm matrices mapping a point of the initial scan to the same tissue point in the follow-up scan",

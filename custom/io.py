@@ -1,0 +1,218 @@
+"""Reading chest CT safely and writing outputs atomically.
+
+Reading: a DICOM series folder (slices in any order, rescale slope and intercept applied, slice
+positions checked along the slice normal), or a NIfTI / NRRD / MHA file through MONAI's
+``LoadImage``. Every volume comes back as float32 Hounsfield units indexed (x, y, z) with a
+RAS voxel-to-world affine, the convention of MONAI and nibabel. Anything that is not a usable
+chest CT gets a ``CTInputError`` naming the file and the reason.
+
+Writing: every file goes to a temporary name in its folder and is renamed into place, so an
+interrupted run never leaves a half-written file that looks complete.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+PADDING_HU = -1024.0
+"""Scanners pad outside the field of view with -2000 or -3024 HU; values below this are clipped to it."""
+
+
+class CTInputError(ValueError):
+    """An input that is not a usable chest CT (missing, unreadable, wrong geometry, not CT)."""
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` through a temporary file in the same folder and a rename.
+
+    Args:
+        path: destination.
+        data: content.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
+    """Gzipped NIfTI with a zero gzip timestamp, so equal inputs give identical bytes.
+
+    Args:
+        array: voxel data indexed (x, y, z).
+        affine: voxel-to-RAS affine.
+    """
+    img = nib.Nifti1Image(array, affine)
+    img.header.set_xyzt_units("mm")
+    img.header.set_qform(affine, code=1)
+    img.header.set_sform(affine, code=1)
+    buffer = io.BytesIO()
+    with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0, compresslevel=1) as gz:
+        gz.write(img.to_bytes())
+    return buffer.getvalue()
+
+
+def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) -> Path:
+    """Write a NIfTI file atomically.
+
+    Args:
+        path: destination (``.nii.gz``).
+        array: voxel data indexed (x, y, z).
+        affine: voxel-to-RAS affine.
+    """
+    return atomic_write_bytes(path, nifti_bytes(array, affine))
+
+
+def write_json(path: str | os.PathLike, content: object) -> Path:
+    """Write JSON atomically.
+
+    Args:
+        path: destination.
+        content: JSON-serialisable object.
+    """
+    return atomic_write_bytes(path, (json.dumps(content, indent=2) + "\n").encode())
+
+
+def _dicom_series_files(folder: Path) -> list[str]:
+    import SimpleITK as sitk
+
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise CTInputError(f"{folder}: no readable DICOM series in this folder")
+    if len(series) > 1:
+        raise CTInputError(f"{folder}: {len(series)} DICOM series are mixed in this folder; give one series per folder")
+    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+
+
+def _check_slice_positions(folder: Path, files: list[str]) -> None:
+    """Refuse series whose slices are not evenly spaced along the slice normal (missing or duplicate slices)."""
+    import pydicom
+
+    if len(files) < 2:
+        raise CTInputError(f"{folder}: a single-slice series is not a CT volume")
+    positions, normal = [], None
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            orientation = np.asarray(ds.ImageOrientationPatient, dtype=float)
+            position = np.asarray(ds.ImagePositionPatient, dtype=float)
+        except Exception as e:
+            raise CTInputError(f"{f}: unreadable DICOM slice or no slice geometry ({type(e).__name__}: {e})") from e
+        slice_normal = np.cross(orientation[:3], orientation[3:])
+        if normal is None:
+            normal = slice_normal
+        elif not np.allclose(slice_normal, normal, atol=1e-3):
+            raise CTInputError(f"{folder}: slices have different orientations")
+        positions.append(float(position @ normal))
+    gaps = np.diff(np.sort(positions))
+    if np.any(gaps < 1e-3):
+        raise CTInputError(f"{folder}: duplicate slices at the same position")
+    if np.ptp(gaps) > 0.01 * np.median(gaps) + 1e-3:
+        raise CTInputError(
+            f"{folder}: slice spacing is not uniform ({gaps.min():.3f} to {gaps.max():.3f} mm): a slice is missing "
+            "or the series mixes thicknesses; resample it before use"
+        )
+
+
+def read_dicom_series(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read a DICOM CT series folder as HU (x, y, z) and a RAS affine.
+
+    Slices are ordered by their position along the slice normal (GDCM), never by file name or
+    InstanceNumber; rescale slope and intercept are applied by the reader.
+
+    Args:
+        folder: folder holding one series.
+    """
+    import SimpleITK as sitk
+
+    folder = Path(folder)
+    files = _dicom_series_files(folder)
+    _check_slice_positions(folder, files)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        image = reader.Execute()
+    except RuntimeError as e:
+        raise CTInputError(f"{folder}: the DICOM series could not be decoded ({str(e).splitlines()[0]})") from e
+    array = sitk.GetArrayFromImage(image).transpose(2, 1, 0).astype(np.float32)
+    spacing = np.asarray(image.GetSpacing())
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    lps = np.eye(4)
+    lps[:3, :3] = direction * spacing
+    lps[:3, 3] = image.GetOrigin()
+    return array, LPS_TO_RAS @ lps
+
+
+def read_image_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read a NIfTI / NRRD / MHA file with MONAI's ``LoadImage`` as (x, y, z) data and a RAS affine.
+
+    Args:
+        path: image file.
+    """
+    from monai.transforms import LoadImage
+
+    try:
+        image = LoadImage(image_only=True)(str(path))
+    except Exception as e:
+        raise CTInputError(f"{path}: unreadable or corrupt image file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    return np.asarray(image, dtype=np.float32), np.asarray(image.affine, dtype=np.float64)
+
+
+def check_ct(array: np.ndarray, affine: np.ndarray, source: str) -> np.ndarray:
+    """Validate a CT volume and clip scanner padding; returns the cleaned HU array.
+
+    Args:
+        array: voxel values.
+        affine: voxel-to-RAS affine.
+        source: file or folder name used in error messages.
+    """
+    if array.ndim != 3:
+        raise CTInputError(f"{source}: expected a 3D volume, got shape {array.shape}")
+    if min(array.shape) < 8:
+        raise CTInputError(f"{source}: volume of shape {array.shape} is too thin to be a chest CT (2D image or single slice?)")
+    if not np.all(np.isfinite(array)):
+        bad = int((~np.isfinite(array)).sum())
+        raise CTInputError(f"{source}: {bad} voxels are NaN or infinite")
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-6:
+        raise CTInputError(f"{source}: the image geometry (affine) is invalid")
+    low, median, high = np.percentile(array, [1, 50, 99.9])
+    if low > -500 or high > 5000 or not -1100 <= median <= 400:
+        raise CTInputError(
+            f"{source}: intensities (1st percentile {low:.0f}, median {median:.0f}, 99.9th {high:.0f}) are not "
+            "those of a CT in Hounsfield units (no air at about -1000 HU): is it an MR image or a rescaled export?"
+        )
+    return np.maximum(array, PADDING_HU)
+
+
+def load_ct(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Load a chest CT from a DICOM folder or an image file as checked HU (x, y, z) and a RAS affine.
+
+    Args:
+        path: DICOM series folder, or a NIfTI / NRRD / MHA file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CTInputError(f"{path}: no such file or folder")
+    if path.is_dir():
+        array, affine = read_dicom_series(path)
+    else:
+        if path.stat().st_size == 0:
+            raise CTInputError(f"{path}: the file is empty")
+        array, affine = read_image_file(path)
+    return check_ct(array, affine, str(path)), affine

@@ -1,0 +1,259 @@
+"""Left and right lung segmentation (CIResDiff Sec. 2.1, first step of target-region pre-registration).
+
+Back ends, chosen by name:
+
+- ``threshold`` (default, no weights): HU thresholding inside the body, removal of the air
+  outside the body and of the table, removal of the trachea and main bronchi by region growing
+  from the airway lumen, the two largest components, hole filling and a small closing (vessels
+  and dense fibrosis stay inside), left/right from the RAS x coordinate.
+- ``totalsegmentator``: TotalSegmentator's five lung lobes merged per side. It needs the
+  package and its weights; both are checked before anything runs, and nothing is downloaded.
+
+Labels follow ``custom.constants``: 1 left lung, 2 right lung.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from custom.constants import LEFT_LUNG, RIGHT_LUNG
+from custom.io import CTInputError
+
+LUNG_HU = -400.0
+"""Voxels below this inside the body are lung candidates (ground glass and reticulation nets included)."""
+SATELLITE_MM = 8.0
+"""Air regions this close to a lung belong to it (cysts and aerated islands inside fibrosis)."""
+CLOSING_MM = 4.0
+"""Radius of the closing that brings dense fibrosis between aerated regions into the lung."""
+AIRWAY_HU = -940.0
+"""Airway lumen is nearly pure air; aerated lung parenchyma lies around -850 HU."""
+
+
+def voxel_spacing(affine: np.ndarray) -> np.ndarray:
+    """Voxel size in mm along each array axis."""
+    return np.linalg.norm(affine[:3, :3], axis=0)
+
+
+def ball(radius_mm: float, spacing: np.ndarray) -> np.ndarray:
+    """Ellipsoidal structuring element of a physical radius on an anisotropic grid.
+
+    Args:
+        radius_mm: radius in mm.
+        spacing: voxel size in mm per axis.
+    """
+    half = np.maximum(np.floor(radius_mm / spacing).astype(int), 0)
+    grids = np.meshgrid(*[np.arange(-h, h + 1) * s for h, s in zip(half, spacing)], indexing="ij")
+    return sum(g**2 for g in grids) <= radius_mm**2 + 1e-6
+
+
+def dilate_mm(mask: np.ndarray, radius_mm: float, spacing: np.ndarray) -> np.ndarray:
+    """Binary dilation by a physical radius, computed with a distance transform (exact and fast).
+
+    Args:
+        mask: binary mask.
+        radius_mm: margin in mm.
+        spacing: voxel size in mm per axis.
+    """
+    if radius_mm <= 0 or not mask.any():
+        return mask.copy()
+    return ndimage.distance_transform_edt(~mask, sampling=spacing) <= radius_mm
+
+
+def body_mask(hu: np.ndarray) -> np.ndarray:
+    """The patient's body: the largest soft-tissue component (not the table), holes filled per slice."""
+    tissue = hu > -500
+    labels, n = ndimage.label(tissue)
+    if n == 0:
+        raise CTInputError("no body found in the scan (no voxel above -500 HU)")
+    sizes = ndimage.sum_labels(tissue, labels, index=np.arange(1, n + 1))
+    body = labels == (int(np.argmax(sizes)) + 1)
+    # Lungs are holes of the body in axial slices; filling slice by slice keeps outside air out.
+    for k in range(body.shape[2]):
+        body[:, :, k] = ndimage.binary_fill_holes(body[:, :, k])
+    return body
+
+
+def airway_mask(hu: np.ndarray, body: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """Trachea and main bronchi: the air-filled tube entering the top of the scan near the midline.
+
+    Cysts and emphysema are as dark as the airway lumen, so only a component whose cross-section
+    in the top 15 mm of the scan is centred on the body's midline and narrow counts as airway.
+    """
+    lumen = (hu < AIRWAY_HU) & body
+    labels, n = ndimage.label(lumen)
+    if n == 0:
+        return np.zeros_like(lumen)
+    top = hu.shape[2] - max(1, int(round(15.0 / spacing[2])))
+    body_x = np.nonzero(body.any(axis=(1, 2)))[0]
+    centre_x, width_x = body_x.mean(), (body_x.max() - body_x.min() + 1)
+    keep = np.zeros(n + 1, dtype=bool)
+    for index in np.unique(labels[:, :, top:]):
+        if index == 0:
+            continue
+        xs = np.nonzero(labels[:, :, top:] == index)[0]
+        if abs(xs.mean() - centre_x) < 0.1 * width_x and np.ptp(xs) < 0.2 * width_x:
+            keep[index] = True
+    return dilate_mm(keep[labels], 1.0, spacing)
+
+
+def split_lungs(lungs: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Label the two lungs left and right; a single fused component is cut at the midline.
+
+    Args:
+        lungs: binary lung mask.
+        affine: voxel-to-RAS affine (x increases to the patient's left).
+    """
+    labels, n = ndimage.label(lungs)
+    if n == 0:
+        raise CTInputError("no lung found in the scan")
+    sizes = ndimage.sum_labels(lungs, labels, index=np.arange(1, n + 1))
+    order = np.argsort(sizes)[::-1] + 1
+    out = np.zeros(lungs.shape, dtype=np.uint8)
+    world_x = lambda idx: (affine[:3, :3] @ np.asarray(idx, dtype=float) + affine[:3, 3])[0]  # noqa: E731
+    if n >= 2 and sizes[order[1] - 1] > 0.2 * sizes[order[0] - 1]:
+        for comp in order[:2]:
+            centre = ndimage.center_of_mass(labels == comp)
+            out[labels == comp] = LEFT_LUNG if world_x(centre) > world_x(ndimage.center_of_mass(lungs)) else RIGHT_LUNG
+        if len(np.unique(out)) != 3:
+            raise CTInputError("the two largest air components lie on the same side: cannot tell left from right lung")
+        return out
+    largest = labels == order[0]
+    idx = np.stack(np.nonzero(largest), 1)
+    x_world = idx @ affine[:3, :3].T[:, 0] + affine[0, 3]
+    midline = np.median(x_world)
+    out[tuple(idx[x_world > midline].T)] = LEFT_LUNG
+    out[tuple(idx[x_world <= midline].T)] = RIGHT_LUNG
+    return out
+
+
+def segment_lungs_threshold(hu: np.ndarray, affine: np.ndarray, min_lung_ml: float = 20.0) -> np.ndarray:
+    """Weight-free lung segmentation (labels 1 left, 2 right).
+
+    Args:
+        hu: CT in Hounsfield units, (x, y, z).
+        affine: voxel-to-RAS affine.
+        min_lung_ml: a lung smaller than this is treated as not found.
+    """
+    spacing = voxel_spacing(affine)
+    body = body_mask(hu)
+    candidate = (hu < LUNG_HU) & body
+    # Air touching the sides of the field of view is outside the patient even if enclosed in a slice.
+    candidate[[0, -1], :, :] = candidate[:, [0, -1], :] = False
+    candidate &= ~airway_mask(hu, body, spacing)
+    labels, n = ndimage.label(candidate)
+    if n == 0:
+        raise CTInputError("no lung found in the scan (no air-filled region inside the body)")
+    sizes = ndimage.sum_labels(candidate, labels, index=np.arange(1, n + 1))
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    keep = np.argsort(sizes)[::-1][:2] + 1
+    keep = [k for k in keep if sizes[k - 1] * voxel_ml >= min_lung_ml]
+    if not keep:
+        raise CTInputError(f"no lung found in the scan (largest air region {sizes.max() * voxel_ml:.1f} ml)")
+    lungs = np.isin(labels, keep)
+    # Honeycomb cysts and ground-glass islands cut off by dense fibrosis are separate components:
+    # take back the air-filled ones close to a lung, then close over the dense walls between them.
+    near = dilate_mm(lungs, SATELLITE_MM, spacing)
+    satellites = np.unique(labels[near & candidate & ~lungs])
+    lungs |= np.isin(labels, satellites[satellites > 0])
+    lungs = ndimage.binary_closing(lungs, ball(CLOSING_MM, spacing), border_value=0) | lungs
+    lungs = ndimage.binary_fill_holes(lungs) & body
+    return split_lungs(lungs, affine)
+
+
+TOTALSEG_LEFT = ("lung_upper_lobe_left", "lung_lower_lobe_left")
+TOTALSEG_RIGHT = ("lung_upper_lobe_right", "lung_middle_lobe_right", "lung_lower_lobe_right")
+TOTALSEG_INSTALL = (
+    "TotalSegmentator and its weights are needed for the 'totalsegmentator' back end. Install them with:\n"
+    "  pip install --constraint <file pinning your torch version> 'cirresdiff-bundle[totalsegmentator]'\n"
+    "  totalseg_download_weights -t total_fast   (or: totalseg_import_weights -i <weights.zip>)\n"
+    "and set TOTALSEG_HOME_DIR if the weights are not under ~/.totalsegmentator. "
+    "Or use the weight-free default: --segmenter threshold"
+)
+
+
+def totalsegmentator_weights_dir() -> Path:
+    """Where TotalSegmentator keeps its weights (``TOTALSEG_WEIGHTS_PATH`` or ``TOTALSEG_HOME_DIR``/nnunet/results)."""
+    if os.environ.get("TOTALSEG_WEIGHTS_PATH"):
+        return Path(os.environ["TOTALSEG_WEIGHTS_PATH"])
+    home = Path(os.environ.get("TOTALSEG_HOME_DIR", Path.home() / ".totalsegmentator"))
+    return home / "nnunet" / "results"
+
+
+def check_totalsegmentator(fast: bool = True) -> None:
+    """Fail at once, with install instructions, when TotalSegmentator or its weights are missing.
+
+    TotalSegmentator would otherwise try to download the weights at run time (and leave an empty
+    folder behind when offline).
+
+    Args:
+        fast: check the weights of the 3 mm fast model (tasks 297 and 298) instead of the full one.
+    """
+    try:
+        import totalsegmentator  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(TOTALSEG_INSTALL) from e
+    tasks = ("Dataset297", "Dataset298") if fast else ("Dataset291", "Dataset292", "Dataset293", "Dataset294", "Dataset295")
+    root = totalsegmentator_weights_dir()
+    found = {t for t in tasks if root.is_dir() and any(p.name.startswith(t) and any(p.rglob("*.pth")) for p in root.iterdir())}
+    if found != set(tasks):
+        raise RuntimeError(f"TotalSegmentator weights missing in {root} (need {', '.join(sorted(set(tasks) - found))}).\n{TOTALSEG_INSTALL}")
+
+
+def run_totalsegmentator(hu: np.ndarray, affine: np.ndarray, fast: bool) -> dict[str, np.ndarray]:
+    """Run TotalSegmentator's lung lobes on a volume; returns one binary mask per lobe name.
+
+    Args:
+        hu: CT in Hounsfield units, (x, y, z).
+        affine: voxel-to-RAS affine.
+        fast: use the 3 mm fast model.
+    """
+    import nibabel as nib
+    from totalsegmentator.python_api import totalsegmentator
+
+    image = nib.Nifti1Image(hu.astype(np.float32), affine)
+    result = totalsegmentator(image, None, fast=fast, roi_subset=list(TOTALSEG_LEFT + TOTALSEG_RIGHT), ml=True,
+                              quiet=True, skip_saving=True)
+    labels = np.asarray(result.dataobj)
+    from totalsegmentator.map_to_binary import class_map
+
+    names = {name: index for index, name in class_map["total"].items()}
+    return {name: labels == names[name] for name in TOTALSEG_LEFT + TOTALSEG_RIGHT}
+
+
+def segment_lungs_totalsegmentator(hu: np.ndarray, affine: np.ndarray, fast: bool = True) -> np.ndarray:
+    """Lung labels from TotalSegmentator's lobes: left = upper + lower left, right = the three right lobes.
+
+    Args:
+        hu: CT in Hounsfield units, (x, y, z).
+        affine: voxel-to-RAS affine.
+        fast: use the 3 mm fast model.
+    """
+    check_totalsegmentator(fast)
+    os.environ.setdefault("TOTALSEG_DISABLE_HTTP1", "1")
+    lobes = run_totalsegmentator(hu, affine, fast)
+    out = np.zeros(hu.shape, dtype=np.uint8)
+    out[np.any([lobes[n] for n in TOTALSEG_LEFT], axis=0)] = LEFT_LUNG
+    out[np.any([lobes[n] for n in TOTALSEG_RIGHT], axis=0)] = RIGHT_LUNG
+    if not (out == LEFT_LUNG).any() or not (out == RIGHT_LUNG).any():
+        raise CTInputError("TotalSegmentator found no lung on one side")
+    return out
+
+
+SEGMENTERS = {"threshold": segment_lungs_threshold, "totalsegmentator": segment_lungs_totalsegmentator}
+
+
+def segment_lungs(hu: np.ndarray, affine: np.ndarray, segmenter: str = "threshold") -> np.ndarray:
+    """Segment left and right lungs with the named back end.
+
+    Args:
+        hu: CT in Hounsfield units, (x, y, z).
+        affine: voxel-to-RAS affine.
+        segmenter: ``"threshold"`` or ``"totalsegmentator"``.
+    """
+    if segmenter not in SEGMENTERS:
+        raise ValueError(f"unknown segmenter {segmenter!r}; choose one of {sorted(SEGMENTERS)}")
+    return SEGMENTERS[segmenter](hu, affine)
