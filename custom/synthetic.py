@@ -355,7 +355,7 @@ class ChestPhantom:
             cell = np.floor(q)
             jitter = 0.12 * np.sin(cell @ self.cyst_phase)
             d = np.linalg.norm(q - cell - 0.5 - jitter, axis=-1) * pitch
-            hu[honey] = np.where(d < 0.36 * pitch, -960.0, -40.0)
+            hu[honey] = np.where(d < 0.42 * pitch, -960.0, -40.0)
         return hu
 
 
