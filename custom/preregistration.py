@@ -18,7 +18,6 @@ clipping the scanner padding (the paper's choice); docs/preregistration.md compa
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ from custom.constants import HU_WINDOW
 from custom.io import CTInputError, load_ct, write_json, write_nifti
 from custom.registration import register_pair
 from custom.segmentation import dilate_mm, segment_lungs, voxel_spacing
+from custom.text import read_lung_function
 
 logger = logging.getLogger(__name__)
 
@@ -401,27 +401,6 @@ def prepare_pair(initial: str | os.PathLike, followup: str | os.PathLike, out_di
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return qc
-
-
-def read_lung_function(csv_path: str | os.PathLike) -> dict[str, dict]:
-    """Lung-function rows of an OSIC-style CSV by patient: baseline record and follow-up values.
-
-    The baseline record holds what is known at the initial scan (FVC, Percent, Age, Sex,
-    SmokingStatus and extra fields such as DLCO); the follow-up values, which are the future,
-    are kept apart for evaluation only.
-
-    Args:
-        csv_path: the cohort's ``lung_function.csv``.
-    """
-    future = {"FollowupWeeks", "FollowupFVC", "FollowupPercent", "Progression"}
-    out = {}
-    with open(csv_path, newline="") as f:
-        for row in csv.DictReader(f):
-            pid = row.pop("Patient")
-            follow = {k: row.pop(k) for k in list(row) if k in future}
-            row.pop("Weeks", None)
-            out[pid] = {"record": {k: v for k, v in row.items() if v not in ("", None)}, "followup": follow}
-    return out
 
 
 def prepare_cohort(cohort_dir: str | os.PathLike, out_dir: str | os.PathLike, grid: Sequence[int] = (96, 96, 96),

@@ -1,0 +1,191 @@
+"""Lung-function tests as text (CIResDiff Sec. 2.3): validation, the one template, the tokenizer.
+
+A record is a mapping with OSIC field names: ``FVC`` (ml), ``Percent`` (FVC % predicted),
+``Age`` (years), ``Sex`` (Male/Female), ``SmokingStatus`` (Never smoked / Ex-smoker / Currently
+smokes) and optional extras ``DLCO`` (% predicted) and ``PEF`` (peak expiratory flow, l/min).
+Missing fields are written as "not measured" (so ``None``, a record-less call from MONAI Label,
+says every field is not measured); present fields must be valid, or a ``RecordError`` names the
+patient and the field.
+
+The template writes units explicitly and numbers without separators; the project's tokenizer
+splits every digit into its own token, so 2450 and 2540 ml differ in tokens the encoder sees,
+not in one opaque word.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Hashable, Mapping, Sequence
+
+from monai.transforms import MapTransform
+
+NUMERIC_FIELDS = {
+    # field: (words in the text, unit, decimals, valid range (exclusive low, inclusive high))
+    "FVC": ("forced vital capacity", "ml", 0, (0.0, 10000.0)),
+    "Percent": ("fvc", "percent predicted", 1, (0.0, 200.0)),
+    "Age": ("age", "years", 0, (0.0, 120.0)),
+    "DLCO": ("dlco", "percent predicted", 1, (0.0, 200.0)),
+    "PEF": ("peak expiratory flow", "litres per minute", 0, (0.0, 1200.0)),
+}
+SEX = {"male": "male", "m": "male", "female": "female", "f": "female"}
+SMOKING = {"never smoked": "never smoked", "ex-smoker": "former smoker", "currently smokes": "current smoker"}
+FIELD_ORDER = ("FVC", "Percent", "Age", "Sex", "SmokingStatus", "DLCO", "PEF")
+NOT_MEASURED = "not measured"
+
+
+class RecordError(ValueError):
+    """A lung-function record with an invalid field."""
+
+
+def _missing(value: object) -> bool:
+    return value is None or (isinstance(value, str) and value.strip() == "")
+
+
+def validate_record(record: Mapping | None, patient: str = "unknown patient") -> dict[str, object]:
+    """Check a lung-function record; returns the normalised fields that are present.
+
+    Args:
+        record: OSIC-style fields (strings from a CSV or numbers); ``None`` for no record.
+        patient: patient id used in error messages.
+    """
+    if record is None:
+        return {}
+    if not isinstance(record, Mapping):
+        raise RecordError(f"{patient}: the lung-function record must be a mapping of fields, got {type(record).__name__}")
+    known = set(FIELD_ORDER)
+    unknown = sorted(set(record) - known - {"Patient", "Weeks"})
+    if unknown:
+        raise RecordError(f"{patient}: unknown lung-function field(s) {unknown}; known fields are {list(FIELD_ORDER)}")
+    out: dict[str, object] = {}
+    for field, (_, unit, _, (low, high)) in NUMERIC_FIELDS.items():
+        value = record.get(field)
+        if _missing(value):
+            continue
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise RecordError(f"{patient}: field {field} must be a number, got {value!r}") from None
+        if math.isnan(number) or math.isinf(number):
+            raise RecordError(f"{patient}: field {field} is {value!r}")
+        if not low < number <= high:
+            raise RecordError(f"{patient}: field {field} = {number:g} {unit} is outside the plausible range ({low:g}, {high:g}]")
+        out[field] = number
+    for field, choices in (("Sex", SEX), ("SmokingStatus", SMOKING)):
+        value = record.get(field)
+        if _missing(value):
+            continue
+        key = str(value).strip().lower()
+        if key not in choices:
+            raise RecordError(f"{patient}: field {field} = {value!r} is not one of {sorted(set(choices))}")
+        out[field] = choices[key]
+    return out
+
+
+def record_to_text(record: Mapping | None, patient: str = "unknown patient") -> str:
+    """The one template turning a lung-function record into text.
+
+    Args:
+        record: OSIC-style fields, or ``None`` when no lung-function test is known.
+        patient: patient id used in error messages.
+    """
+    fields = validate_record(record, patient)
+    parts = []
+    for field in FIELD_ORDER:
+        value = fields.get(field)
+        if field in NUMERIC_FIELDS:
+            words, unit, decimals, _ = NUMERIC_FIELDS[field]
+            parts.append(f"{words} {NOT_MEASURED}" if value is None else f"{words} {value:.{decimals}f} {unit}")
+        elif field == "Sex":
+            parts.append(f"sex {value or NOT_MEASURED}")
+        else:
+            parts.append(f"smoking {value or NOT_MEASURED}")
+    return " ; ".join(parts) + " ."
+
+
+def template_vocabulary() -> list[str]:
+    """Every word the template can produce, plus digits and punctuation: the tokenizer's closed vocabulary."""
+    words: set[str] = set(NOT_MEASURED.split()) | {"sex", "smoking", ";", ".", "-"}
+    for phrase, unit, _, _ in NUMERIC_FIELDS.values():
+        words |= set(phrase.split()) | set(unit.split())
+    for value in list(SEX.values()) + list(SMOKING.values()):
+        words |= set(value.split())
+    return sorted(words) + [str(d) for d in range(10)]
+
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def build_tokenizer(max_length: int = 64):
+    """The project's tokenizer: lower-case words of the template, one token per digit, BERT-style specials.
+
+    Built deterministically from the template, so it needs no download and no training corpus.
+
+    Args:
+        max_length: length every text is padded or truncated to (the context length L).
+    """
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + template_vocabulary())}
+    core = Tokenizer(WordLevel(vocab=vocab, unk_token="[UNK]"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
+    core.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]", model_max_length=max_length,
+    )
+
+
+class LungFunctionTextd(MapTransform):
+    """Write the lung-function record of a case as text (for the CLIP and denoiser text encoders).
+
+    A case without a record (key absent or ``None``) gets the all-"not measured" text.
+
+    Args:
+        keys: key of the record (usually ``record``).
+        text_key: key receiving the text.
+        id_key: key of the patient id, used in error messages.
+    """
+
+    def __init__(self, keys: Sequence[Hashable] | Hashable = "record", text_key: str = "text", id_key: str = "patient") -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        self.text_key, self.id_key = text_key, id_key
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        key = self.first_key(d)
+        record = d.get(key) if key != () else None
+        d[self.text_key] = record_to_text(record, str(d.get(self.id_key, "unknown patient")))
+        return d
+
+
+def default_text() -> str:
+    """The text of a case with no lung-function record (every field not measured)."""
+    return record_to_text(None)
+
+
+def read_lung_function(csv_path: str | os.PathLike) -> dict[str, dict]:
+    """Lung-function rows of an OSIC-style CSV by patient: baseline record and follow-up values.
+
+    The baseline record holds what is known at the initial scan (FVC, Percent, Age, Sex,
+    SmokingStatus and extra fields such as DLCO); the follow-up values, which are the future,
+    are kept apart for evaluation only.
+
+    Args:
+        csv_path: the cohort's ``lung_function.csv``.
+    """
+    future = {"FollowupWeeks", "FollowupFVC", "FollowupPercent", "Progression"}
+    out = {}
+    with open(csv_path, newline="") as f:
+        for row in csv.DictReader(f):
+            pid = row.pop("Patient")
+            follow = {k: row.pop(k) for k in list(row) if k in future}
+            row.pop("Weeks", None)
+            out[pid] = {"record": {k: v for k, v in row.items() if v not in ("", None)}, "followup": follow}
+    return out
