@@ -1,0 +1,93 @@
+"""Diagnostic evaluation (CIResDiff Sec. 3.4): does a follow-up scan show that IPF progressed?
+
+A ResNet sees the (initial, follow-up) pair as two channels and predicts progression (relative
+FVC decline >= 10 %). It is trained on real pairs of training patients and then applied to the
+real test pairs and to (initial, generated follow-up) pairs: if the generated scans carry the
+progression signal, the classifier's accuracy and ROC AUC on them approach those on real pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from sklearn.metrics import roc_auc_score
+
+from custom.data import DatasetSplit, check_no_leakage
+
+
+def pair_cases(split: DatasetSplit, section: str, generated_dir: str | os.PathLike | None = None) -> list[dict]:
+    """Classifier inputs ``{"initial", "followup", "label", "patient"}`` for one split.
+
+    Args:
+        split: the prepared dataset's splits.
+        section: ``"training"`` (every training fold, real follow-ups) or ``"testing"``.
+        generated_dir: folder of generated follow-ups written by ``evaluate.json``
+            (``<patient>/image_followup.nii.gz``); ``None`` pairs each case with its real follow-up.
+    """
+    if section == "training":
+        cases = split.training() + split.validation()
+        check_no_leakage(cases, split.testing(), "classifier training")
+    elif section == "testing":
+        cases = split.testing()
+    else:
+        raise ValueError(f"unknown section {section!r}: use 'training' or 'testing'")
+    pairs = []
+    for case in cases:
+        if "progression" not in case:
+            raise KeyError(f"case {case['patient']} has no 'progression' label in the datalist")
+        followup = case["target"]
+        if generated_dir is not None:
+            followup = str(Path(generated_dir) / case["patient"] / "image_followup.nii.gz")
+            if not os.path.isfile(followup):
+                raise FileNotFoundError(f"no generated follow-up for {case['patient']}: {followup}")
+        pairs.append({"initial": case["image"], "followup": followup, "label": int(case["progression"]),
+                      "patient": case["patient"]})
+    return pairs
+
+
+class ProgressionReport:
+    """Ignite handler collecting progression probabilities and writing accuracy and ROC AUC.
+
+    Attach it to the evaluator; it writes ``<output_dir>/<name>.json`` with per-case
+    probabilities, accuracy at 0.5 and ROC AUC (``null`` when the test set has one class only).
+
+    Args:
+        output_dir: folder of the report.
+        name: report name, e.g. ``real`` or an ablation name.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, name: str = "real") -> None:
+        self.path = Path(output_dir) / f"{name}.json"
+        self.name = name
+        self.rows: list[dict] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda e: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
+        engine.add_event_handler(Events.COMPLETED, self.write)
+
+    def collect(self, engine: Engine) -> None:
+        for item, out in zip(engine.state.batch, engine.state.output):
+            probability = float(torch.softmax(torch.as_tensor(out["pred"]).float().flatten(), 0)[1])
+            self.rows.append({"patient": item["patient"], "label": int(item["label"]), "probability": probability})
+
+    def write(self, engine: Engine) -> dict:
+        labels = np.array([r["label"] for r in self.rows])
+        probs = np.array([r["probability"] for r in self.rows])
+        report = {
+            "name": self.name,
+            "cases": len(self.rows),
+            "accuracy": float(((probs >= 0.5) == labels).mean()),
+            "roc_auc": float(roc_auc_score(labels, probs)) if len(set(labels.tolist())) == 2 else None,
+            "per_case": self.rows,
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(report, indent=2))
+        os.replace(tmp, self.path)
+        return report
