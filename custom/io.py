@@ -89,6 +89,19 @@ def write_json(path: str | os.PathLike, content: object) -> Path:
     return atomic_write_bytes(path, (json.dumps(content, indent=2) + "\n").encode())
 
 
+def write_png(path: str | os.PathLike, figure: object, dpi: int = 80) -> Path:
+    """Save a matplotlib figure as PNG atomically.
+
+    Args:
+        path: destination.
+        figure: ``matplotlib.figure.Figure``.
+        dpi: resolution.
+    """
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
 def _dicom_series_files(folder: Path) -> list[str]:
     import SimpleITK as sitk
 

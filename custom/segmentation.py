@@ -14,6 +14,7 @@ Labels follow ``custom.constants``: 1 left lung, 2 right lung.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from custom.constants import LEFT_LUNG, RIGHT_LUNG
-from custom.io import CTInputError
+from custom.io import CTInputError, write_json
 
 LUNG_HU = -400.0
 """Voxels below this inside the body are lung candidates (ground glass and reticulation nets included)."""
@@ -203,8 +204,25 @@ def check_totalsegmentator(fast: bool = True) -> None:
         raise RuntimeError(f"TotalSegmentator weights missing in {root} (need {', '.join(sorted(set(tasks) - found))}).\n{TOTALSEG_INSTALL}")
 
 
+def disable_usage_stats() -> Path:
+    """Set ``send_usage_stats`` to false in TotalSegmentator's config.json, so a run makes no network call.
+
+    TotalSegmentator creates that file with usage statistics switched on when it is absent.
+    """
+    home = Path(os.environ.get("TOTALSEG_HOME_DIR", Path.home() / ".totalsegmentator"))
+    path = home / "config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {"totalseg_id": "cirresdiff", "prediction_counter": 0}
+    if config.get("send_usage_stats") is not False:
+        config["send_usage_stats"] = False
+        write_json(path, config)
+    return path
+
+
 def run_totalsegmentator(hu: np.ndarray, affine: np.ndarray, fast: bool) -> dict[str, np.ndarray]:
     """Run TotalSegmentator's lung lobes on a volume; returns one binary mask per lobe name.
+
+    TotalSegmentator reorients to its canonical frame internally and returns labels on the
+    input's own grid; the shape is checked so a mismatch cannot pass silently.
 
     Args:
         hu: CT in Hounsfield units, (x, y, z).
@@ -212,16 +230,19 @@ def run_totalsegmentator(hu: np.ndarray, affine: np.ndarray, fast: bool) -> dict
         fast: use the 3 mm fast model.
     """
     import nibabel as nib
+    import torch
+    from totalsegmentator.map_to_binary import class_map
     from totalsegmentator.python_api import totalsegmentator
 
     image = nib.Nifti1Image(hu.astype(np.float32), affine)
     result = totalsegmentator(image, None, fast=fast, roi_subset=list(TOTALSEG_LEFT + TOTALSEG_RIGHT), ml=True,
-                              quiet=True, skip_saving=True)
+                              quiet=True, skip_saving=True, device="gpu" if torch.cuda.is_available() else "cpu")
     labels = np.asarray(result.dataobj)
-    from totalsegmentator.map_to_binary import class_map
-
-    names = {name: index for index, name in class_map["total"].items()}
-    return {name: labels == names[name] for name in TOTALSEG_LEFT + TOTALSEG_RIGHT}
+    if labels.shape != hu.shape:
+        raise RuntimeError(f"TotalSegmentator returned labels of shape {labels.shape} for an image of shape {hu.shape}")
+    # Label ids come from TotalSegmentator's own map (task "total"), not from a copy of it.
+    ids = {name: index for index, name in class_map["total"].items()}
+    return {name: labels == ids[name] for name in TOTALSEG_LEFT + TOTALSEG_RIGHT}
 
 
 def segment_lungs_totalsegmentator(hu: np.ndarray, affine: np.ndarray, fast: bool = True) -> np.ndarray:
@@ -233,7 +254,7 @@ def segment_lungs_totalsegmentator(hu: np.ndarray, affine: np.ndarray, fast: boo
         fast: use the 3 mm fast model.
     """
     check_totalsegmentator(fast)
-    os.environ.setdefault("TOTALSEG_DISABLE_HTTP1", "1")
+    disable_usage_stats()
     lobes = run_totalsegmentator(hu, affine, fast)
     out = np.zeros(hu.shape, dtype=np.uint8)
     out[np.any([lobes[n] for n in TOTALSEG_LEFT], axis=0)] = LEFT_LUNG
@@ -243,17 +264,17 @@ def segment_lungs_totalsegmentator(hu: np.ndarray, affine: np.ndarray, fast: boo
     return out
 
 
-SEGMENTERS = {"threshold": segment_lungs_threshold, "totalsegmentator": segment_lungs_totalsegmentator}
-
-
-def segment_lungs(hu: np.ndarray, affine: np.ndarray, segmenter: str = "threshold") -> np.ndarray:
+def segment_lungs(hu: np.ndarray, affine: np.ndarray, segmenter: str = "threshold", fast: bool = True) -> np.ndarray:
     """Segment left and right lungs with the named back end.
 
     Args:
         hu: CT in Hounsfield units, (x, y, z).
         affine: voxel-to-RAS affine.
         segmenter: ``"threshold"`` or ``"totalsegmentator"``.
+        fast: TotalSegmentator's 3 mm fast model (ignored by ``threshold``).
     """
-    if segmenter not in SEGMENTERS:
-        raise ValueError(f"unknown segmenter {segmenter!r}; choose one of {sorted(SEGMENTERS)}")
-    return SEGMENTERS[segmenter](hu, affine)
+    if segmenter == "threshold":
+        return segment_lungs_threshold(hu, affine)
+    if segmenter == "totalsegmentator":
+        return segment_lungs_totalsegmentator(hu, affine, fast=fast)
+    raise ValueError(f"unknown segmenter {segmenter!r}; choose 'threshold' or 'totalsegmentator'")

@@ -1,0 +1,116 @@
+"""Per-lung ANTs affine registration: frame conversions, accuracy against known transforms, merge, determinism."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import ants
+import nibabel as nib
+import numpy as np
+import pytest
+
+from custom.constants import LEFT_LUNG, RIGHT_LUNG
+from custom.io import load_ct
+from custom.registration import ants_seed, merge_lungs, read_affine_ras, register_pair, to_ants
+from custom.synthetic import generate_cohort
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A synthetic pair with its ground-truth lung labels and per-lung transforms."""
+    cohort = tmp_path_factory.mktemp("cohort")
+    generate_cohort(cohort, n_patients=1, seed=0)
+    folder = cohort / "SYN0000"
+    initial, affine_i = load_ct(folder / "initial.nii.gz")
+    followup, affine_f = load_ct(folder / "followup.nii.gz")
+    return {
+        "initial": initial, "affine_initial": affine_i, "followup": followup, "affine_followup": affine_f,
+        "initial_labels": np.asarray(nib.load(folder / "initial_lungs.nii.gz").dataobj),
+        "followup_labels": np.asarray(nib.load(folder / "followup_lungs.nii.gz").dataobj),
+        "truth": json.loads((folder / "transforms.json").read_text()),
+    }
+
+
+@pytest.fixture(scope="module")
+def registered(pair: dict) -> dict:
+    keys = ("initial", "affine_initial", "initial_labels", "followup", "affine_followup", "followup_labels")
+    return register_pair(*(pair[k] for k in keys), margin_mm=10.0, seed=1)
+
+
+def apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    return points @ matrix[:3, :3].T + matrix[:3, 3]
+
+
+def test_to_ants_converts_ras_to_lps() -> None:
+    affine = np.array([[0.8, 0, 0, 10.0], [0, 0.8, 0, -20.0], [0, 0, 2.5, 30.0], [0, 0, 0, 1]])
+    image = to_ants(np.zeros((4, 5, 6)), affine)
+    assert image.shape == (4, 5, 6)
+    np.testing.assert_allclose(image.origin, (-10.0, 20.0, 30.0))
+    np.testing.assert_allclose(image.spacing, (0.8, 0.8, 2.5))
+    np.testing.assert_allclose(image.direction, np.diag([-1.0, -1.0, 1.0]))
+    # Voxel (1, 2, 3) lies at the same physical point in both conventions (LPS = RAS with x, y negated).
+    lps = ants.transform_index_to_physical_point(image, (1, 2, 3))
+    np.testing.assert_allclose(np.asarray(lps) * [-1, -1, 1], apply(affine, np.array([1.0, 2.0, 3.0])), atol=1e-5)
+
+
+def test_read_affine_ras_matches_ants_point_mapping(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    matrix = np.eye(3) + rng.normal(0, 0.05, (3, 3))
+    transform = ants.create_ants_transform(transform_type="AffineTransform", dimension=3, matrix=matrix,
+                                           translation=(3.0, -2.0, 5.0), center=(10.0, 4.0, -7.0))
+    ants.write_transform(transform, str(tmp_path / "t.mat"))
+    ras = read_affine_ras(str(tmp_path / "t.mat"))
+    point_ras = np.array([12.0, -30.0, 44.0])
+    lps_out = ants.apply_ants_transform_to_point(transform, tuple(point_ras * [-1, -1, 1]))
+    np.testing.assert_allclose(apply(ras, point_ras), np.asarray(lps_out) * [-1, -1, 1], atol=1e-4)
+
+
+def test_per_lung_error_against_ground_truth(pair: dict, registered: dict) -> None:
+    """Mean displacement error of the lung voxels: ground-truth vs estimated transform, < 1.5 mm."""
+    for name, lab in (("left", LEFT_LUNG), ("right", RIGHT_LUNG)):
+        points = apply(pair["affine_initial"], np.stack(np.nonzero(pair["initial_labels"] == lab), 1).astype(float))
+        truth = np.asarray(pair["truth"][f"{name}_lung"])
+        estimate = np.asarray(registered["transforms"][f"{name}_lung"])
+        identity_error = np.linalg.norm(apply(truth, points) - points, axis=1).mean()
+        error = np.linalg.norm(apply(truth, points) - apply(estimate, points), axis=1).mean()
+        assert error < 1.5, f"{name} lung: {error:.2f} mm"
+        assert error < 0.5 * identity_error
+        qc = registered["qc"][f"{name}_lung"]
+        assert qc["dice_after"] > max(qc["dice_before"], 0.9)
+        assert qc["ncc_after"] > qc["ncc_before"]
+
+
+def test_merged_region_and_values(pair: dict, registered: dict) -> None:
+    region, aligned = registered["region"], registered["aligned"]
+    assert region[pair["initial_labels"] > 0].all()
+    assert np.all(aligned[~region] == -1000.0)
+    assert aligned.shape == pair["initial"].shape
+
+
+def test_same_inputs_identical_outputs(pair: dict, registered: dict) -> None:
+    keys = ("initial", "affine_initial", "initial_labels", "followup", "affine_followup", "followup_labels")
+    again = register_pair(*(pair[k] for k in keys), margin_mm=10.0, seed=1)
+    assert again["transforms"] == registered["transforms"]
+    np.testing.assert_array_equal(again["aligned"], registered["aligned"])
+
+
+def test_seed_zero_is_refused() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        with ants_seed(0):
+            pass
+
+
+def test_merge_takes_the_nearer_lung_where_regions_overlap() -> None:
+    labels = np.zeros((20, 5, 5), dtype=np.uint8)
+    labels[2:8], labels[12:17] = RIGHT_LUNG, LEFT_LUNG
+    regions = {RIGHT_LUNG: np.zeros(labels.shape, bool), LEFT_LUNG: np.zeros(labels.shape, bool)}
+    regions[RIGHT_LUNG][0:13], regions[LEFT_LUNG][7:20] = True, True
+    warped = {RIGHT_LUNG: np.full(labels.shape, 1.0), LEFT_LUNG: np.full(labels.shape, 2.0)}
+    merged, choice = merge_lungs(labels, regions, warped, np.ones(3))
+    # Overlap 7..12: x = 8, 9 are nearer the right lung (ends at 7), x = 10..12 nearer the left one (starts at 12).
+    np.testing.assert_array_equal(choice[:, 0, 0], [2] * 10 + [1] * 10)
+    np.testing.assert_array_equal(merged[:, 0, 0], [1.0] * 10 + [2.0] * 10)
+    regions[LEFT_LUNG][18:] = False
+    merged, choice = merge_lungs(labels, regions, warped, np.ones(3))
+    assert choice[19, 0, 0] == 0 and merged[19, 0, 0] == -1000.0
