@@ -1,31 +1,33 @@
 """Target-region pre-registration (CIResDiff Sec. 2.1) as MONAI transforms and a batch driver.
 
-For a pair (initial, follow-up): load and check both CTs, segment left and right lungs, register
-each follow-up lung to the initial one (ANTs affine) and merge, then cut the dilated lung region
-out on a 1 x 1 x 1 mm grid of fixed size centred on it, and map HU to [0, 1].
+For a pair (initial, follow-up): load and check both CTs, segment left and right lungs, dilate,
+register each follow-up lung to the initial one (ANTs affine) and merge, then cut the dilated
+lung region out on a 1 x 1 x 1 mm grid of fixed size centred on it, and map HU to [0, 1].
 
-The transforms are usable from configs:
+The transforms read top to bottom in ``configs/prepare.json``:
 
-- preparation (``configs/prepare.json``): ``LoadCTd`` -> ``SegmentLungsd`` -> ``RegisterLungsd``
-  -> ``LungRegionToGridd``;
-- inference preprocessing (initial scan only): ``LoadCTd`` -> ``SegmentLungsd`` ->
-  ``LungRegionToGridd``; ``GridToSourced`` maps the generated follow-up back into the initial
-  scan's space afterwards.
+- preparation: ``LoadCTd`` -> ``SegmentLungsd`` -> ``DilateMaskd`` -> ``RegisterLungsd`` ->
+  ``ResampleToGridd`` -> ``NormalizeHUd``;
+- inference preprocessing (initial scan only): the same without ``RegisterLungsd``;
+  ``GridToSourced`` maps a generated follow-up back into the initial scan's space.
 
-Intensities: a fixed HU window (``constants.HU_WINDOW``) by default, or per-scan min-max after
-clipping the scanner padding (the paper's choice); docs/preregistration.md compares them.
+Everything stays in the initial scan's physical (RAS) frame: the output grid is axis-aligned,
+1 mm, and its affine places it where the lungs are in the initial scan.
+
+Intensities: a fixed HU window (``constants.HU_WINDOW``) by default, or per-scan min-max inside
+the lung region (the paper's choice); docs/preregistration.md compares them.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
 import shutil
 import tempfile
 import time
-import traceback
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,20 +35,28 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, MapTransform
 from scipy import ndimage
 
-from custom.constants import HU_WINDOW
-from custom.io import CTInputError, load_ct, write_json, write_nifti
+from custom.constants import AIR_HU, HU_WINDOW
+from custom.io import CTInputError, load_ct, write_json, write_nifti, write_png
 from custom.registration import register_pair
 from custom.segmentation import dilate_mm, segment_lungs, voxel_spacing
-from custom.text import read_lung_function
 
 logger = logging.getLogger(__name__)
 
+PREPARED_FILES = ("image.nii.gz", "target.nii.gz", "mask.nii.gz", "qc.json", "qc.png")
+"""Files of one prepared case; a case folder holding all of them is complete."""
+RECORD_KEYS = ("FVC", "Percent", "Age", "Sex", "SmokingStatus")
+"""Lung-function values measured with the initial scan (the model's text input)."""
+FOLLOWUP_PREFIX = "Followup"
+"""Columns of the follow-up visit (the future): kept for evaluation, never in ``record``."""
+OUTCOME_KEYS = ("Progression",)
 
-def normalize_hu(hu: np.ndarray, mode: str = "window", window: Sequence[float] = HU_WINDOW, region: np.ndarray | None = None) -> np.ndarray:
+
+def normalize_hu(hu: np.ndarray, mode: str = "window", window: Sequence[float] = HU_WINDOW,
+                 region: np.ndarray | None = None) -> np.ndarray:
     """Map HU to [0, 1]: a fixed window, or min-max of the scan (inside ``region`` when given).
 
     Args:
-        hu: Hounsfield units (scanner padding already clipped).
+        hu: Hounsfield units (scanner padding already clipped by ``custom.io.check_ct``).
         mode: ``"window"`` or ``"minmax"``.
         window: (low, high) HU of the fixed window.
         region: voxels whose range defines min-max.
@@ -80,11 +90,12 @@ def grid_affine(centre_ras: np.ndarray, grid: Sequence[int]) -> np.ndarray:
         grid: voxels per axis.
     """
     affine = np.eye(4)
-    affine[:3, 3] = np.asarray(centre_ras) - (np.asarray(grid) - 1) / 2.0
+    affine[:3, 3] = np.asarray(centre_ras, dtype=float) - (np.asarray(grid) - 1) / 2.0
     return affine
 
 
-def resample(array: np.ndarray, source_affine: np.ndarray, target_affine: np.ndarray, shape: Sequence[int], order: int, fill: float) -> np.ndarray:
+def resample(array: np.ndarray, source_affine: np.ndarray, target_affine: np.ndarray, shape: Sequence[int],
+             order: int, fill: float) -> np.ndarray:
     """Resample ``array`` onto another grid by physical position.
 
     Args:
@@ -96,16 +107,27 @@ def resample(array: np.ndarray, source_affine: np.ndarray, target_affine: np.nda
         fill: value outside the source.
     """
     mapping = np.linalg.inv(source_affine) @ target_affine
-    return ndimage.affine_transform(array, mapping[:3, :3], offset=mapping[:3, 3], output_shape=tuple(shape),
-                                    order=order, mode="constant", cval=fill)
+    return ndimage.affine_transform(np.asarray(array, dtype=np.float32), mapping[:3, :3], offset=mapping[:3, 3],
+                                    output_shape=tuple(int(s) for s in shape), order=order, mode="constant", cval=fill)
 
 
-def _as_meta(array: np.ndarray, affine: np.ndarray, meta: Mapping | None = None) -> MetaTensor:
-    out = MetaTensor(np.asarray(array)[None], affine=affine)
+def as_meta(array: np.ndarray, affine: np.ndarray, meta: Mapping | None = None) -> MetaTensor:
+    """A channel-first MetaTensor (1, x, y, z) with an affine and optional extra metadata.
+
+    Args:
+        array: voxel data (x, y, z).
+        affine: voxel-to-RAS affine.
+        meta: metadata to copy (geometry entries are replaced).
+    """
+    out = MetaTensor(np.asarray(array)[None], affine=np.asarray(affine, dtype=np.float64))
     if meta is not None:
         out.meta.update({k: v for k, v in meta.items() if k not in ("affine", "original_affine", "spatial_shape")})
     out.meta["spatial_shape"] = np.asarray(array.shape)
     return out
+
+
+def _source_name(image: MetaTensor, key: Hashable) -> str:
+    return str(image.meta.get("filename_or_obj", key))
 
 
 class LoadCTd(MapTransform):
@@ -122,56 +144,83 @@ class LoadCTd(MapTransform):
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            source = d[key]
-            hu, affine = load_ct(source)
-            d[key] = _as_meta(hu, affine, {"filename_or_obj": str(source)})
+            hu, affine = load_ct(d[key])
+            d[key] = as_meta(hu, affine, {"filename_or_obj": str(d[key])})
         return d
 
 
 class SegmentLungsd(MapTransform):
-    """Segment left and right lungs of each CT into ``<key>_lungs`` (1 left, 2 right).
+    """Segment left and right lungs of each CT into ``<key><postfix>`` (1 left, 2 right).
 
     Args:
         keys: keys of HU images.
         segmenter: ``"threshold"`` or ``"totalsegmentator"``.
+        fast: TotalSegmentator's 3 mm fast model.
+        postfix: appended to the key to name the label map.
         allow_missing_keys: skip absent keys.
     """
 
-    def __init__(self, keys: Sequence[Hashable] | Hashable, segmenter: str = "threshold", allow_missing_keys: bool = False) -> None:
+    def __init__(self, keys: Sequence[Hashable] | Hashable, segmenter: str = "threshold", fast: bool = True,
+                 postfix: str = "_lungs", allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.segmenter = segmenter
+        self.segmenter, self.fast, self.postfix = segmenter, bool(fast), postfix
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
             image = d[key]
             try:
-                labels = segment_lungs(np.asarray(image[0]), np.asarray(image.affine), self.segmenter)
+                labels = segment_lungs(np.asarray(image[0]), np.asarray(image.affine), self.segmenter, self.fast)
             except CTInputError as e:
-                raise CTInputError(f"{image.meta.get('filename_or_obj', key)}: {e}") from e
-            d[f"{key}_lungs"] = _as_meta(labels, np.asarray(image.affine))
+                raise CTInputError(f"{_source_name(image, key)}: {e}") from e
+            d[f"{key}{self.postfix}"] = as_meta(labels, image.affine)
+        return d
+
+
+class DilateMaskd(MapTransform):
+    """Dilate lung labels by a margin in mm into a binary region (keeps peri-lung tissue and subpleural lesions).
+
+    Args:
+        keys: keys of lung label maps.
+        margin_mm: dilation radius in mm.
+        output_key: key of the dilated union of all labels.
+    """
+
+    def __init__(self, keys: Sequence[Hashable] | Hashable, margin_mm: float = 10.0, output_key: str = "mask") -> None:
+        super().__init__(keys)
+        self.margin_mm, self.output_key = float(margin_mm), output_key
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            labels = d[key]
+            region = dilate_mm(np.asarray(labels[0]) > 0, self.margin_mm, voxel_spacing(np.asarray(labels.affine)))
+            d[self.output_key] = as_meta(region.astype(np.uint8), labels.affine)
         return d
 
 
 class RegisterLungsd(MapTransform):
     """Register the follow-up lungs to the initial lungs (per lung, ANTs affine) and merge onto the initial grid.
 
-    Replaces ``moving_key`` by the aligned follow-up and adds ``registration`` (transforms and QC)
-    and ``<moving_key>_unregistered`` (the follow-up resampled without registration, for the QC figure).
+    Replaces ``moving_key`` by the aligned follow-up (air outside the merged region), adds
+    ``<moving_key>_unregistered`` (the follow-up resampled without registration, for the QC
+    figure) and ``registration`` (per-lung transforms and QC metrics).
 
     Args:
         fixed_key: key of the initial scan (its lungs under ``<fixed_key>_lungs``).
         moving_key: key of the follow-up scan (its lungs under ``<moving_key>_lungs``).
-        margin_mm: dilation of the lung masks.
-        transform_type: ANTs transform type (``"Affine"`` or ``"AffineFast"``).
-        seed: seed of ANTs' random sampling.
+        margin_mm: dilation of each initial lung defining its region in the merge.
+        metric_margin_mm: dilation of the lung masks restricting the registration metric.
+        transform_type: ANTs transform type (``"Affine"``; ``"AffineFast"`` for quick tests).
+        seed: positive seed of ANTs' random sampling.
     """
 
     def __init__(self, fixed_key: str = "image", moving_key: str = "target", margin_mm: float = 10.0,
-                 transform_type: str = "Affine", seed: int = 0) -> None:
+                 metric_margin_mm: float = 3.0, transform_type: str = "Affine", seed: int = 1) -> None:
         super().__init__([fixed_key, moving_key])
         self.fixed_key, self.moving_key = fixed_key, moving_key
-        self.margin_mm, self.transform_type, self.seed = margin_mm, transform_type, seed
+        self.margin_mm, self.metric_margin_mm = float(margin_mm), float(metric_margin_mm)
+        self.transform_type, self.seed = transform_type, int(seed)
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
@@ -180,62 +229,91 @@ class RegisterLungsd(MapTransform):
         result = register_pair(
             np.asarray(fixed[0]), affine, np.asarray(d[f"{self.fixed_key}_lungs"][0]),
             np.asarray(moving[0]), np.asarray(moving.affine), np.asarray(d[f"{self.moving_key}_lungs"][0]),
-            margin_mm=self.margin_mm, transform_type=self.transform_type, seed=self.seed,
+            margin_mm=self.margin_mm, metric_margin_mm=self.metric_margin_mm, transform_type=self.transform_type,
+            seed=self.seed,
         )
-        d[self.moving_key] = _as_meta(result["aligned"], affine, moving.meta)
-        d[f"{self.moving_key}_unregistered"] = _as_meta(result["unregistered"], affine)
+        d[self.moving_key] = as_meta(result["aligned"], affine, moving.meta)
+        d[f"{self.moving_key}_unregistered"] = as_meta(result["unregistered"], affine, moving.meta)
         d["registration"] = {"transforms": result["transforms"], "qc": result["qc"]}
         return d
 
 
-class LungRegionToGridd(MapTransform):
-    """Cut the dilated lung region out on a 1 mm grid of fixed size and map HU to [0, 1].
+class ResampleToGridd(MapTransform):
+    """Resample images and masks onto a 1 mm axis-aligned grid of fixed size centred on the lung region.
 
-    Writes the region mask under ``mask_key``; voxels outside the region are set to 0 (air) in
-    every image, so the model sees exactly the target region. The source geometry is kept in the
-    images' metadata for ``GridToSourced``.
+    The grid's centre is the centre of the bounding box of ``region_key`` (in the initial scan's
+    RAS frame). Masks use nearest-neighbour-like interpolation (linear, then > 0.5); images are
+    linear and padded with air. The source geometry is kept in the metadata (``source_affine``,
+    ``source_shape``) for ``GridToSourced``, and the share of the region that fits in the grid
+    in ``region_inside_grid``.
 
     Args:
         keys: keys of HU images on the initial scan's grid.
-        lungs_key: key of the initial scan's lung labels.
-        mask_key: key receiving the region mask.
-        margin_mm: dilation of the lungs defining the region.
-        grid: voxels of the output grid (1 mm each).
-        normalization: ``"window"`` or ``"minmax"``.
-        window: HU window of the ``"window"`` normalisation.
+        region_key: key of the binary region that centres the grid (resampled as a mask).
+        grid: voxels of the output grid (1 mm each), e.g. (96, 96, 96) or (512, 512, 256).
+        fill: HU outside the source image.
+        allow_missing_keys: skip absent keys.
     """
 
-    def __init__(self, keys: Sequence[Hashable] | Hashable, lungs_key: str = "image_lungs", mask_key: str = "mask",
-                 margin_mm: float = 10.0, grid: Sequence[int] = (96, 96, 96), normalization: str = "window",
-                 window: Sequence[float] = HU_WINDOW) -> None:
-        super().__init__(keys)
-        self.lungs_key, self.mask_key = lungs_key, mask_key
-        self.margin_mm, self.grid = margin_mm, tuple(int(g) for g in grid)
-        self.normalization, self.window = normalization, tuple(window)
+    def __init__(self, keys: Sequence[Hashable] | Hashable, region_key: str = "mask",
+                 grid: Sequence[int] = (96, 96, 96), fill: float = AIR_HU, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.region_key, self.grid, self.fill = region_key, tuple(int(g) for g in grid), float(fill)
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
-        lungs = d[self.lungs_key]
-        source_affine = np.asarray(lungs.affine)
-        spacing = voxel_spacing(source_affine)
-        region = dilate_mm(np.asarray(lungs[0]) > 0, self.margin_mm, spacing)
+        region_image = d[self.region_key]
+        source_affine = np.asarray(region_image.affine)
+        region = np.asarray(region_image[0]) > 0
+        if not region.any():
+            raise CTInputError(f"{_source_name(region_image, self.region_key)}: the lung region is empty")
         idx = np.stack(np.nonzero(region), 1)
-        centre_vox = (idx.min(0) + idx.max(0)) / 2.0
-        centre = source_affine[:3, :3] @ centre_vox + source_affine[:3, 3]
+        centre = source_affine[:3, :3] @ ((idx.min(0) + idx.max(0)) / 2.0) + source_affine[:3, 3]
         target_affine = grid_affine(centre, self.grid)
-        mask = resample(region.astype(np.float32), source_affine, target_affine, self.grid, order=1, fill=0.0) > 0.5
-        extent_mm = (idx.max(0) - idx.min(0) + 1) * spacing
-        d["grid_coverage"] = float(mask.sum() * 1.0 / max(region.sum() * np.prod(spacing), 1e-6))
+        mask = resample(region, source_affine, target_affine, self.grid, order=1, fill=0.0) > 0.5
+        region_mm3 = region.sum() * float(np.prod(voxel_spacing(source_affine)))
+        geometry = {"source_affine": source_affine, "source_shape": np.asarray(region.shape),
+                    "region_inside_grid": float(mask.sum() / max(region_mm3, 1e-6))}
         for key in self.key_iterator(d):
             image = d[key]
-            hu = resample(np.asarray(image[0], dtype=np.float32), np.asarray(image.affine), target_affine, self.grid,
-                          order=1, fill=-1024.0)
-            values = np.where(mask, normalize_hu(hu, self.normalization, self.window, mask), 0.0).astype(np.float32)
-            out = _as_meta(values, target_affine, image.meta)
-            out.meta.update({"source_affine": source_affine, "source_shape": np.asarray(image.shape[1:]),
-                             "region_extent_mm": extent_mm})
+            hu = resample(np.asarray(image[0]), np.asarray(image.affine), target_affine, self.grid, order=1, fill=self.fill)
+            d[key] = as_meta(hu.astype(np.float32), target_affine, {**image.meta, **geometry})
+        d[self.region_key] = as_meta(mask.astype(np.uint8), target_affine, {**region_image.meta, **geometry})
+        return d
+
+
+class NormalizeHUd(MapTransform):
+    """Map HU to [0, 1] (fixed window or min-max), and set voxels outside the region mask to 0.
+
+    Zero outside the region makes the model see exactly the target region, the same in the
+    initial and the aligned follow-up.
+
+    Args:
+        keys: keys of HU images.
+        mode: ``"window"`` (default: steadier across scans, see docs/preregistration.md) or ``"minmax"``.
+        window: (low, high) HU of the fixed window.
+        mask_key: key of the region mask on the same grid; ``None`` keeps every voxel.
+        allow_missing_keys: skip absent keys.
+    """
+
+    def __init__(self, keys: Sequence[Hashable] | Hashable, mode: str = "window", window: Sequence[float] = HU_WINDOW,
+                 mask_key: str | None = "mask", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if mode not in ("window", "minmax"):
+            raise ValueError(f"unknown normalization {mode!r}: use 'window' or 'minmax'")
+        self.mode, self.window, self.mask_key = mode, tuple(float(w) for w in window), mask_key
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        mask = np.asarray(d[self.mask_key][0]) > 0 if self.mask_key is not None else None
+        for key in self.key_iterator(d):
+            image = d[key]
+            values = normalize_hu(np.asarray(image[0]), self.mode, self.window, mask)
+            if mask is not None:
+                values = np.where(mask, values, 0.0).astype(np.float32)
+            out = as_meta(values, image.affine, image.meta)
+            out.meta["normalization"] = self.mode
             d[key] = out
-        d[self.mask_key] = _as_meta(mask.astype(np.uint8), target_affine)
         return d
 
 
@@ -246,8 +324,8 @@ class GridToSourced(MapTransform):
     scan's; outside it the initial scan is kept, so the output is a whole follow-up CT.
 
     Args:
-        keys: keys of grid images in [0, 1] (e.g. ``pred``).
-        source_key: key of the initial scan in HU on its own grid (kept by the preprocessing).
+        keys: keys of grid images in [0, 1] (e.g. ``pred``), channel first.
+        source_key: key of the initial scan in HU on its own grid.
         mask_key: key of the region mask on the model's grid.
         window: HU window used by the normalisation.
     """
@@ -262,68 +340,19 @@ class GridToSourced(MapTransform):
         source = d[self.source_key]
         source_affine, shape = np.asarray(source.affine), source.shape[1:]
         grid_aff = np.asarray(d[self.mask_key].affine)
-        region = resample(np.asarray(d[self.mask_key][0], dtype=np.float32), grid_aff, source_affine, shape, 1, 0.0) > 0.5
+        region = resample(np.asarray(d[self.mask_key][0]), grid_aff, source_affine, shape, 1, 0.0) > 0.5
         for key in self.key_iterator(d):
-            pred = np.asarray(d[key].detach().cpu() if hasattr(d[key], "detach") else d[key], dtype=np.float32)
-            channels = []
-            for channel in pred:
-                back = resample(channel, grid_aff, source_affine, shape, order=1, fill=0.0)
-                channels.append(np.where(region, denormalize(back, self.window), np.asarray(source[0])))
+            pred = d[key]
+            pred = np.asarray(pred.detach().cpu() if hasattr(pred, "detach") else pred, dtype=np.float32)
+            channels = [np.where(region, denormalize(resample(c, grid_aff, source_affine, shape, 1, 0.0), self.window),
+                                 np.asarray(source[0])) for c in pred]
             d[key] = MetaTensor(np.stack(channels).astype(np.float32), affine=source_affine, meta=dict(source.meta))
         return d
 
 
-def qc_figure(path: Path, initial: np.ndarray, before: np.ndarray, after: np.ndarray, lungs: np.ndarray, title: str) -> None:
-    """Registration QC picture: initial, follow-up before and after, and a checkerboard, three planes.
-
-    Args:
-        path: destination PNG (written atomically).
-        initial: initial scan HU.
-        before: follow-up resampled without registration.
-        after: follow-up after per-lung registration.
-        lungs: initial lung labels (chooses the slices).
-        title: figure title.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    centre = [int(c) for c in ndimage.center_of_mass(lungs > 0)]
-    # The sagittal plane goes through one lung, not through the mediastinum between them.
-    centre[0] = int(ndimage.center_of_mass(lungs == lungs.max())[0])
-    tile = max(4, min(initial.shape) // 8)
-    checker = ((np.indices(initial.shape) // tile).sum(0) % 2).astype(bool)
-    columns = [("initial", initial), ("follow-up, unregistered", before), ("follow-up, registered", after),
-               ("checkerboard initial / registered", np.where(checker, initial, after))]
-    fig, axes = plt.subplots(3, 4, figsize=(12, 9), layout="constrained")
-    planes = [(lambda v: np.rot90(v[:, :, centre[2]]), "axial"), (lambda v: np.rot90(v[:, centre[1], :]), "coronal"),
-              (lambda v: np.rot90(v[centre[0], :, :]), "sagittal")]
-    for row, (cut, plane) in enumerate(planes):
-        for col, (name, volume) in enumerate(columns):
-            ax = axes[row, col]
-            ax.imshow(cut(volume), cmap="gray", vmin=-1000, vmax=200, aspect="auto")
-            ax.contour(cut(lungs > 0), levels=[0.5], colors="yellow", linewidths=0.5)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(name, fontsize=9)
-            if col == 0:
-                ax.set_ylabel(plane)
-    fig.suptitle(title, fontsize=10)
-    fd, tmp = tempfile.mkstemp(prefix=".qc.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=80)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-
-
 def preparation_transform(segmenter: str = "threshold", margin_mm: float = 10.0, grid: Sequence[int] = (96, 96, 96),
-                          normalization: str = "window", transform_type: str = "Affine", seed: int = 0) -> Compose:
-    """The pair-preparation chain: load, segment, register, cut the region onto the grid.
+                          normalization: str = "window", transform_type: str = "Affine", seed: int = 1) -> Compose:
+    """The pair-preparation chain of ``configs/prepare.json``, for use from Python.
 
     Args:
         segmenter: lung segmentation back end.
@@ -331,133 +360,262 @@ def preparation_transform(segmenter: str = "threshold", margin_mm: float = 10.0,
         grid: voxels of the output grid (1 mm).
         normalization: ``"window"`` or ``"minmax"``.
         transform_type: ANTs transform type.
-        seed: seed of ANTs' random sampling.
+        seed: positive seed of ANTs' random sampling.
     """
+    images = ["image", "target", "target_unregistered"]
     return Compose([
         LoadCTd(keys=["image", "target"]),
         SegmentLungsd(keys=["image", "target"], segmenter=segmenter),
+        DilateMaskd(keys="image_lungs", margin_mm=margin_mm, output_key="mask"),
         RegisterLungsd("image", "target", margin_mm=margin_mm, transform_type=transform_type, seed=seed),
-        LungRegionToGridd(keys=["image", "target"], lungs_key="image_lungs", margin_mm=margin_mm, grid=grid,
-                          normalization=normalization),
+        ResampleToGridd(keys=images, region_key="mask", grid=grid),
+        NormalizeHUd(keys=images, mode=normalization, mask_key="mask"),
     ], map_items=False)
 
 
-def prepare_pair(initial: str | os.PathLike, followup: str | os.PathLike, out_dir: str | os.PathLike,
-                 segmenter: str = "threshold", margin_mm: float = 10.0, grid: Sequence[int] = (96, 96, 96),
-                 normalization: str = "window", transform_type: str = "Affine", seed: int = 0) -> dict:
-    """Prepare one pair into ``out_dir``: image, target, mask (NIfTI), qc.json and qc.png.
-
-    The folder appears only when complete (written under a temporary name, then renamed).
+def qc_figure(path: Path, initial: np.ndarray, before: np.ndarray, after: np.ndarray, mask: np.ndarray, title: str) -> None:
+    """Registration QC picture: initial, follow-up before and after, checkerboard; three orthogonal planes.
 
     Args:
-        initial: initial CT (DICOM folder or image file).
-        followup: follow-up CT of the same patient.
-        out_dir: output folder (must not exist yet).
-        segmenter: ``"threshold"`` or ``"totalsegmentator"``.
-        margin_mm: dilation of the lungs.
-        grid: voxels of the output grid (1 mm).
-        normalization: ``"window"`` or ``"minmax"``.
-        transform_type: ANTs transform type.
-        seed: seed of ANTs' random sampling.
+        path: destination PNG (written atomically).
+        initial: prepared initial scan in [0, 1].
+        before: follow-up on the same grid without registration.
+        after: follow-up after per-lung registration.
+        mask: region mask (its outline is drawn, and its centre chooses the slices).
+        title: figure title.
     """
-    out = Path(out_dir)
-    if out.exists():
-        raise FileExistsError(f"{out} already exists")
-    times = {}
-    start = time.perf_counter()
-    chain = preparation_transform(segmenter, margin_mm, grid, normalization, transform_type, seed)
-    d = {"image": str(initial), "target": str(followup)}
-    for transform in chain.transforms:
-        if isinstance(transform, LungRegionToGridd):
-            # The full-resolution pair on the initial grid, before cropping, is what the QC figure shows.
-            figure_inputs = [np.asarray(d[k][0]) for k in ("image", "target_unregistered", "target", "image_lungs")]
-        t0 = time.perf_counter()
-        d = transform(d)
-        times[type(transform).__name__] = round(time.perf_counter() - t0, 3)
-    if float(np.asarray(d["mask"]).sum()) == 0:
-        raise CTInputError(f"{initial}: empty lung region after resampling")
-    qc = {"initial": str(initial), "followup": str(followup), "segmenter": segmenter, "margin_mm": margin_mm,
-          "grid": list(grid), "normalization": normalization, **d["registration"],
-          "region_extent_mm": np.asarray(d["image"].meta["region_extent_mm"]).round(1).tolist(),
-          "region_inside_grid": round(d["grid_coverage"], 4), "seconds": times}
-    worst = min(v["dice_after"] for v in qc["qc"].values())
-    qc["warnings"] = []
-    if worst < 0.8:
-        qc["warnings"].append(f"lung Dice after registration {worst:.2f} < 0.80: different patients or failed registration?")
-    if d["grid_coverage"] < 0.98:
-        qc["warnings"].append(f"the grid holds only {100 * d['grid_coverage']:.1f} % of the lung region: use a larger grid")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    centre = [int(round(c)) for c in ndimage.center_of_mass(mask > 0)]
+    # The sagittal midline cuts the mediastinum; cut through the centre of the right lung (lower x) instead.
+    centre[0] = int(round(ndimage.center_of_mass(mask[: centre[0]] > 0)[0]))
+    tile = max(4, min(initial.shape) // 8)
+    checker = ((np.indices(initial.shape) // tile).sum(0) % 2).astype(bool)
+    columns = [("initial", initial), ("follow-up, unregistered", before), ("follow-up, registered", after),
+               ("checkerboard initial / registered", np.where(checker, initial, after))]
+    planes = [(lambda v: np.rot90(v[:, :, centre[2]]), "axial"), (lambda v: np.rot90(v[:, centre[1], :]), "coronal"),
+              (lambda v: np.rot90(v[centre[0], :, :]), "sagittal")]
+    fig, axes = plt.subplots(3, 4, figsize=(12, 9), layout="constrained")
     try:
-        for key in ("image", "target"):
-            write_nifti(tmp / f"{key}.nii.gz", np.asarray(d[key][0], dtype=np.float32), np.asarray(d[key].affine))
-        write_nifti(tmp / "mask.nii.gz", np.asarray(d["mask"][0], dtype=np.uint8), np.asarray(d["mask"].affine))
-        initial_hu, before, after, lungs = figure_inputs
-        qc_figure(tmp / "qc.png", initial_hu, before, after, lungs, f"{Path(initial).parent.name}: registration QC")
-        qc["seconds"]["total"] = round(time.perf_counter() - start, 3)
-        write_json(tmp / "qc.json", qc)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return qc
+        for row, (cut, plane) in enumerate(planes):
+            for col, (name, volume) in enumerate(columns):
+                ax = axes[row, col]
+                ax.imshow(cut(volume), cmap="gray", vmin=0.0, vmax=1.0)
+                ax.contour(cut(mask > 0).astype(float), levels=[0.5], colors="yellow", linewidths=0.5)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if row == 0:
+                    ax.set_title(name, fontsize=9)
+                if col == 0:
+                    ax.set_ylabel(plane)
+        fig.suptitle(title, fontsize=10)
+        write_png(path, fig)
+    finally:
+        plt.close(fig)
 
 
-def prepare_cohort(cohort_dir: str | os.PathLike, out_dir: str | os.PathLike, grid: Sequence[int] = (96, 96, 96),
-                   segmenter: str = "threshold", margin_mm: float = 10.0, normalization: str = "window",
-                   transform_type: str = "Affine", seed: int = 0, progress: bool = True) -> Path:
-    """Prepare every pair of a cohort (datalist.json + lung_function.csv) and write the prepared datalist.
+class PairPreparer:
+    """Prepare one (initial, follow-up) pair into a case folder: image, target, mask, qc.json, qc.png.
 
-    Cases already prepared are skipped, so an interrupted run resumes; a failing case is reported
-    (in ``failures.json`` and the log) and skipped, never dropped silently.
+    The folder is written under a temporary name beside its destination and renamed when complete,
+    so an interrupted or failing case leaves nothing that looks prepared.
 
     Args:
-        cohort_dir: cohort folder (the synthetic cohort's layout, docs/architecture.md).
-        out_dir: prepared dataset folder.
-        grid: voxels of the output grid (1 mm).
-        segmenter: ``"threshold"`` or ``"totalsegmentator"``.
-        margin_mm: dilation of the lungs.
-        normalization: ``"window"`` or ``"minmax"``.
-        transform_type: ANTs transform type.
-        seed: seed of ANTs' random sampling.
-        progress: show a progress bar.
+        transform: the preparation chain (``configs/prepare.json#preparation`` or ``preparation_transform()``).
+        min_dice: warn (qc.json ``warnings``) when a lung's mask Dice after registration is below this
+            (a failed registration, or different patients).
+        min_ncc: warn when a lung's NCC after registration is below this (different patients?).
+        max_volume_change: warn when a lung's transform changes its volume by more than this fraction
+            (|det - 1|; breathing and a year of fibrosis change it less; different patients may not).
+        min_region_inside_grid: warn when less of the lung region fits the grid.
     """
-    from tqdm.auto import tqdm
 
-    cohort, out = Path(cohort_dir), Path(out_dir)
+    def __init__(self, transform: Callable[[dict], dict] | None = None, min_dice: float = 0.8, min_ncc: float = 0.25,
+                 max_volume_change: float = 0.25, min_region_inside_grid: float = 0.98) -> None:
+        self.transform = transform if transform is not None else preparation_transform()
+        self.min_dice, self.min_ncc = float(min_dice), float(min_ncc)
+        self.max_volume_change, self.min_region_inside_grid = float(max_volume_change), float(min_region_inside_grid)
+
+    def run_chain(self, initial: str, followup: str) -> tuple[dict, dict[str, float]]:
+        """Apply the chain step by step, timing each transform."""
+        steps = self.transform.transforms if isinstance(self.transform, Compose) else [self.transform]
+        d: dict = {"image": str(initial), "target": str(followup)}
+        seconds = {}
+        for step in steps:
+            start = time.perf_counter()
+            d = step(d)
+            name = type(step).__name__
+            seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+        return d, seconds
+
+    def warnings(self, d: dict) -> list[str]:
+        """QC warnings of a prepared pair."""
+        found = []
+        for lung, metrics in d["registration"]["qc"].items():
+            volume = float(np.linalg.det(np.asarray(d["registration"]["transforms"][lung])[:3, :3]))
+            if metrics["dice_after"] < self.min_dice:
+                found.append(f"{lung}: mask Dice after registration {metrics['dice_after']:.2f} < {self.min_dice:.2f}: "
+                             "a failed registration or different patients?")
+            if metrics["ncc_after"] < self.min_ncc:
+                found.append(f"{lung}: NCC after registration {metrics['ncc_after']:.2f} < {self.min_ncc:.2f}: "
+                             "different patients?")
+            if abs(volume - 1.0) > self.max_volume_change:
+                found.append(f"{lung}: the registration changes the lung volume by a factor {volume:.2f}: "
+                             "different patients or a failed registration?")
+        inside = float(d["mask"].meta["region_inside_grid"])
+        if inside < self.min_region_inside_grid:
+            found.append(f"the grid holds only {100 * inside:.1f} % of the lung region: use a larger grid")
+        return found
+
+    def __call__(self, initial: str | os.PathLike, followup: str | os.PathLike, out_dir: str | os.PathLike,
+                 patient: str | None = None) -> dict:
+        """Prepare the pair; returns the QC record written to qc.json.
+
+        Args:
+            initial: initial CT (DICOM folder or image file).
+            followup: follow-up CT of the same patient.
+            out_dir: case folder to create (must not exist).
+            patient: patient id for the QC record and the figure title.
+        """
+        out = Path(out_dir)
+        if out.exists():
+            raise FileExistsError(f"{out}: the output folder already exists; remove it or choose another")
+        start = time.perf_counter()
+        d, seconds = self.run_chain(initial, followup)
+        qc = {"patient": patient or out.name, "initial": str(initial), "followup": str(followup),
+              "grid": list(d["image"].shape[1:]), "normalization": d["image"].meta.get("normalization"),
+              **d["registration"], "region_inside_grid": round(float(d["mask"].meta["region_inside_grid"]), 4),
+              "warnings": self.warnings(d), "seconds": seconds}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            for key in ("image", "target"):
+                write_nifti(tmp / f"{key}.nii.gz", np.asarray(d[key][0], dtype=np.float32), np.asarray(d[key].affine))
+            write_nifti(tmp / "mask.nii.gz", np.asarray(d["mask"][0], dtype=np.uint8), np.asarray(d["mask"].affine))
+            qc_figure(tmp / "qc.png", *(np.asarray(d[k][0]) for k in ("image", "target_unregistered", "target", "mask")),
+                      title=f"{qc['patient']}: registration QC" + (" - WARNING" if qc["warnings"] else ""))
+            qc["seconds"]["total"] = round(time.perf_counter() - start, 3)
+            write_json(tmp / "qc.json", qc)
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return qc
+
+
+def _number(value: str) -> int | float | str:
+    """A CSV cell as int, float or (stripped) text."""
+    text = value.strip()
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def read_lung_function(csv_path: str | os.PathLike) -> dict[str, dict[str, dict]]:
+    """Lung-function records per patient from an OSIC-style table.
+
+    ``record`` holds what is measured with the initial scan (``FVC, Percent, Age, Sex,
+    SmokingStatus`` and extra columns such as ``DLCO``); ``followup_record`` holds the future
+    (``Followup*`` columns and ``Progression``), kept apart so that it never reaches the model's
+    input. With several rows per patient (OSIC), the row with the smallest ``Weeks`` is the
+    baseline and, without ``Followup*`` columns, the last row gives the follow-up values.
+
+    Args:
+        csv_path: ``lung_function.csv``.
+    """
+    path = Path(csv_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: lung-function table not found")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    missing = [c for c in ("Patient", *RECORD_KEYS) if rows and c not in rows[0]]
+    if not rows or missing:
+        raise ValueError(f"{path}: expected columns Patient, {', '.join(RECORD_KEYS)}; missing {missing or 'all rows'}")
+    by_patient: dict[str, list[dict]] = {}
+    for row in rows:
+        by_patient.setdefault(row["Patient"].strip(), []).append({k: _number(v) for k, v in row.items() if v not in ("", None)})
+    out = {}
+    for patient, visits in by_patient.items():
+        visits.sort(key=lambda r: r.get("Weeks", 0))
+        base = visits[0]
+        future = {k: v for k, v in base.items() if k.startswith(FOLLOWUP_PREFIX) or k in OUTCOME_KEYS}
+        if not future and len(visits) > 1:
+            last = visits[-1]
+            future = {"FollowupWeeks": last.get("Weeks", 0) - base.get("Weeks", 0), "FollowupFVC": last["FVC"],
+                      "FollowupPercent": last["Percent"]}
+        record = {k: v for k, v in base.items() if k not in ("Patient", "Weeks") and k not in future}
+        out[patient] = {"record": record, "followup_record": future}
+    return out
+
+
+def case_complete(folder: Path) -> bool:
+    """Whether a prepared case folder holds every output file."""
+    return all((folder / name).is_file() for name in PREPARED_FILES)
+
+
+def prepare_cohort(cohort_dir: str | os.PathLike, prepared_dir: str | os.PathLike,
+                   preparer: PairPreparer | None = None, progress: bool = True) -> dict:
+    """Prepare every pair of a cohort and write the prepared datalist (layout in docs/architecture.md).
+
+    Cases already complete are skipped (so an interrupted run resumes); a failing case is
+    reported, listed in ``failures.json`` and in the returned summary, and the run goes on.
+
+    Args:
+        cohort_dir: cohort folder with ``datalist.json`` and ``lung_function.csv``.
+        prepared_dir: output folder.
+        preparer: the pair preparer (default settings when ``None``).
+        progress: show a tqdm progress bar.
+
+    Returns:
+        ``{"datalist", "prepared", "skipped", "failed": {patient: reason}, "warnings": {patient: [...]}}``.
+    """
+    from tqdm import tqdm
+
+    cohort, out = Path(cohort_dir), Path(prepared_dir)
     datalist_path = cohort / "datalist.json"
     if not datalist_path.is_file():
-        raise FileNotFoundError(f"no datalist.json in {cohort}")
-    source = json.loads(datalist_path.read_text())
+        raise FileNotFoundError(f"{datalist_path}: cohort datalist not found")
+    cohort_list = json.loads(datalist_path.read_text())
     tables = read_lung_function(cohort / "lung_function.csv")
+    preparer = preparer if preparer is not None else PairPreparer()
     out.mkdir(parents=True, exist_ok=True)
-    prepared: dict[str, list] = {"training": [], "testing": []}
-    failures = {}
-    cases = [(section, entry) for section in ("training", "testing") for entry in source[section]]
-    for section, entry in tqdm(cases, desc="pre-registration", disable=not progress):
-        pid = entry["patient"]
-        case_dir = out / pid
+    summary: dict = {"prepared": [], "skipped": [], "failed": {}, "warnings": {}}
+    prepared_list: dict[str, list] = {section: [] for section in cohort_list}
+    cases = [(section, entry) for section in ("training", "validation", "testing") for entry in cohort_list.get(section, [])]
+    bar = tqdm(cases, desc="prepare", unit="pair", disable=not progress)
+    for section, entry in bar:
+        patient = str(entry["patient"])
+        bar.set_postfix_str(patient)
+        folder = out / patient
         try:
-            if pid not in tables:
-                raise KeyError(f"patient {pid} has no row in {cohort / 'lung_function.csv'}")
-            if not (case_dir / "qc.json").is_file():
-                prepare_pair(cohort / entry["initial"], cohort / entry["followup"], case_dir, segmenter, margin_mm,
-                             grid, normalization, transform_type, seed)
+            if patient not in tables:
+                raise ValueError(f"no row for patient {patient} in {cohort / 'lung_function.csv'}")
+            if case_complete(folder):
+                qc = json.loads((folder / "qc.json").read_text())
+                summary["skipped"].append(patient)
+            else:
+                if folder.exists():
+                    raise FileExistsError(f"{folder} exists but is incomplete; remove it to prepare this case again")
+                qc = preparer(cohort / entry["initial"], cohort / entry["followup"], folder, patient)
+                summary["prepared"].append(patient)
         except Exception as e:  # one bad case must not stop the cohort; it is reported below
-            failures[pid] = f"{type(e).__name__}: {e}"
-            logger.error(f"pre-registration failed for {pid}: {e}\n{traceback.format_exc(limit=3)}")
+            summary["failed"][patient] = f"{type(e).__name__}: {e}"
+            tqdm.write(f"prepare: {patient} FAILED: {e}")
+            logger.error("preparing %s failed: %s", patient, e)
             continue
-        follow = tables[pid]["followup"]
-        item = {"patient": pid, "image": f"{pid}/image.nii.gz", "target": f"{pid}/target.nii.gz",
-                "mask": f"{pid}/mask.nii.gz", "record": tables[pid]["record"], "followup_record": follow}
-        if "Progression" in follow:
-            item["progression"] = int(follow["Progression"])
-        if "fold" in entry:
-            item["fold"] = entry["fold"]
-        prepared[section].append(item)
-    write_json(out / "failures.json", failures)
-    if failures:
-        logger.warning(f"{len(failures)} case(s) failed and were skipped (see {out / 'failures.json'}): {sorted(failures)}")
-    if not prepared["training"]:
-        raise RuntimeError(f"no training case could be prepared from {cohort}; see {out / 'failures.json'}")
-    return write_json(out / "datalist.json", prepared)
+        if qc.get("warnings"):
+            summary["warnings"][patient] = qc["warnings"]
+        item = {"patient": patient, **{k: f"{patient}/{k}.nii.gz" for k in ("image", "target", "mask")},
+                **({"fold": entry["fold"]} if "fold" in entry else {}), **tables[patient]}
+        prepared_list[section].append(item)
+    summary["datalist"] = str(write_json(out / "datalist.json", prepared_list))
+    write_json(out / "failures.json", summary["failed"])
+    if summary["failed"]:
+        logger.error("%d of %d cases failed: %s", len(summary["failed"]), len(cases), ", ".join(summary["failed"]))
+    return summary

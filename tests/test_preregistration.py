@@ -1,0 +1,181 @@
+"""Target-region pre-registration: transforms, pair and cohort preparation, config, command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from monai.bundle import ConfigParser
+
+from cirresdiff_bundle.cli import main
+from custom.constants import HU_WINDOW
+from custom.io import CTInputError, load_ct
+from custom.preregistration import (
+    GridToSourced, PairPreparer, normalize_hu, prepare_cohort, preparation_transform, read_lung_function, resample,
+)
+from custom.synthetic import generate_cohort
+
+BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("cohort")
+    generate_cohort(folder, n_patients=3, seed=0)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def prepared(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("pairs") / "SYN0000"
+    PairPreparer()(cohort / "SYN0000" / "initial.nii.gz", cohort / "SYN0000" / "followup.nii.gz", out)
+    return out
+
+
+def test_pair_outputs(prepared: Path, cohort: Path) -> None:
+    assert sorted(p.name for p in prepared.parent.iterdir()) == ["SYN0000"], "no temporary folder may remain"
+    image, target, mask = (nib.load(prepared / f"{k}.nii.gz") for k in ("image", "target", "mask"))
+    for volume in (image, target, mask):
+        assert volume.shape == (96, 96, 96)
+        np.testing.assert_allclose(np.abs(np.diag(volume.affine)[:3]), 1.0)
+    x, y, m = image.get_fdata(), target.get_fdata(), mask.get_fdata() > 0
+    assert 0.0 <= x.min() and x.max() <= 1.0 and np.all(x[~m] == 0) and np.all(y[~m] == 0)
+    qc = json.loads((prepared / "qc.json").read_text())
+    assert qc["warnings"] == [] and set(qc["qc"]) == {"left_lung", "right_lung"}
+    assert (prepared / "qc.png").read_bytes()[:4] == b"\x89PNG"
+    # The grid lives in the initial scan's frame: the initial HU sampled at the grid's points is the image.
+    hu, affine = load_ct(cohort / "SYN0000" / "initial.nii.gz")
+    expected = normalize_hu(resample(hu, affine, image.affine, image.shape, order=1, fill=-1000.0))
+    np.testing.assert_allclose(x[m], expected[m], atol=1e-5)
+    # Lesions are what the model must see: >= 95 % of them inside the region.
+    lesions = resample(np.asarray(nib.load(cohort / "SYN0000" / "initial_lesions.nii.gz").dataobj), affine,
+                       image.affine, image.shape, order=0, fill=0)
+    assert m[lesions > 0].mean() >= 0.95
+    # After registration the follow-up matches the initial much better than before.
+    assert np.corrcoef(x[m], y[m])[0, 1] > 0.8
+
+
+def test_same_inputs_identical_files(prepared: Path, cohort: Path, tmp_path: Path) -> None:
+    PairPreparer()(cohort / "SYN0000" / "initial.nii.gz", cohort / "SYN0000" / "followup.nii.gz", tmp_path / "again")
+    for name in ("image.nii.gz", "target.nii.gz", "mask.nii.gz"):
+        assert (tmp_path / "again" / name).read_bytes() == (prepared / name).read_bytes(), name
+
+
+def test_inference_preprocessing_from_config_and_back(prepared: Path, cohort: Path) -> None:
+    parser = ConfigParser()
+    parser.read_config(BUNDLE_ROOT / "configs" / "prepare.json")
+    chain = parser.get_parsed_content("inference_preprocessing")
+    initial = cohort / "SYN0000" / "initial.nii.gz"
+    d = chain({"image": str(initial)})
+    np.testing.assert_array_equal(np.asarray(d["image"][0]), nib.load(prepared / "image.nii.gz").get_fdata())
+    hu, affine = load_ct(initial)
+    d["image_hu"] = d["image"].clone()
+    d["image_hu"].set_array(hu[None])
+    d["image_hu"].affine = affine
+    back = GridToSourced(keys="image", source_key="image_hu")(d)["image"]
+    assert back.shape[1:] == hu.shape
+    np.testing.assert_allclose(np.asarray(back.affine), affine)
+    lungs = np.asarray(nib.load(cohort / "SYN0000" / "initial_lungs.nii.gz").dataobj) > 0
+    error = np.abs(np.asarray(back[0])[lungs] - np.clip(hu, *HU_WINDOW)[lungs])
+    assert np.median(error) < 30.0
+
+
+def test_minmax_normalisation_ignores_padding() -> None:
+    hu = np.array([-1024.0, -1000.0, 0.0, 1000.0])
+    np.testing.assert_allclose(normalize_hu(hu, "minmax"), [0.0, 24 / 2024, 1024 / 2024, 1.0])
+    region = np.array([False, True, True, False])
+    np.testing.assert_allclose(normalize_hu(hu, "minmax", region=region)[1:3], [0.0, 1.0])
+    with pytest.raises(ValueError, match="unknown normalization"):
+        normalize_hu(hu, "zscore")
+
+
+def test_bad_input_leaves_nothing(cohort: Path, tmp_path: Path) -> None:
+    out = tmp_path / "prepared" / "case"
+    with pytest.raises(CTInputError, match="missing.nii.gz: no such file"):
+        PairPreparer()(cohort / "missing.nii.gz", cohort / "SYN0000" / "followup.nii.gz", out)
+    assert not out.exists() and not any((tmp_path / "prepared").glob(".case*"))
+
+
+def test_mismatched_patients_are_flagged(cohort: Path, tmp_path: Path) -> None:
+    """A follow-up of another, larger patient: registration must stretch the lungs, and qc.json says so.
+
+    (Synthetic patients of similar size share one anatomical template and cannot all be told apart;
+    docs/preregistration.md gives the measured detection rate.)
+    """
+    other = tmp_path / "other"
+    generate_cohort(other, n_patients=1, seed=9, body_scale=0.32)
+    qc = PairPreparer(preparation_transform(transform_type="AffineFast"))(
+        cohort / "SYN0000" / "initial.nii.gz", other / "SYN0000" / "followup.nii.gz", tmp_path / "mixed")
+    assert any("different patients" in w for w in qc["warnings"]), qc
+
+
+def test_cohort_batch(cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    broken = tmp_path / "cohort"
+    broken.mkdir()
+    for entry in cohort.iterdir():
+        (broken / entry.name).symlink_to(entry)
+    (broken / "SYN0002").unlink()
+    (broken / "SYN0002").mkdir()
+    for f in (cohort / "SYN0002").iterdir():
+        (broken / "SYN0002" / f.name).symlink_to(f)
+    (broken / "SYN0002" / "followup.nii.gz").unlink()
+    (broken / "SYN0002" / "followup.nii.gz").write_bytes((cohort / "SYN0002" / "followup.nii.gz").read_bytes()[:3000])
+    preparer = PairPreparer(preparation_transform(transform_type="AffineFast"))
+    summary = prepare_cohort(broken, tmp_path / "prepared", preparer, progress=False)
+    assert sorted(summary["prepared"]) == ["SYN0000", "SYN0001"]
+    assert list(summary["failed"]) == ["SYN0002"] and "followup.nii.gz" in summary["failed"]["SYN0002"]
+    assert "SYN0002 FAILED" in capsys.readouterr().out
+    datalist = json.loads((tmp_path / "prepared" / "datalist.json").read_text())
+    source = json.loads((cohort / "datalist.json").read_text())
+    entries = [e for section in datalist.values() for e in section]
+    assert sorted(e["patient"] for e in entries) == ["SYN0000", "SYN0001"]
+    folds = {e["patient"]: e.get("fold") for section in source.values() for e in section}
+    for section, items in datalist.items():
+        for e in items:
+            assert e["patient"] in {s["patient"] for s in source[section]} and e.get("fold") == folds[e["patient"]]
+            assert set(e["record"]) == {"FVC", "Percent", "Age", "Sex", "SmokingStatus", "DLCO"}
+            assert set(e["followup_record"]) == {"FollowupWeeks", "FollowupFVC", "FollowupPercent", "Progression"}
+            assert all((tmp_path / "prepared" / e[k]).is_file() for k in ("image", "target", "mask"))
+    assert json.loads((tmp_path / "prepared" / "failures.json").read_text()).keys() == {"SYN0002"}
+    again = prepare_cohort(broken, tmp_path / "prepared", preparer, progress=False)
+    assert sorted(again["skipped"]) == ["SYN0000", "SYN0001"] and not again["prepared"]
+
+
+def test_osic_table_with_several_visits(tmp_path: Path) -> None:
+    (tmp_path / "train.csv").write_text(
+        "Patient,Weeks,FVC,Percent,Age,Sex,SmokingStatus\n"
+        "ID1,10,2000,60.5,70,Male,Ex-smoker\nID1,-3,2100,63.0,70,Male,Ex-smoker\nID1,50,1800,54.1,70,Male,Ex-smoker\n")
+    table = read_lung_function(tmp_path / "train.csv")
+    assert table["ID1"]["record"] == {"FVC": 2100, "Percent": 63.0, "Age": 70, "Sex": "Male", "SmokingStatus": "Ex-smoker"}
+    assert table["ID1"]["followup_record"] == {"FollowupWeeks": 53, "FollowupFVC": 1800, "FollowupPercent": 54.1}
+
+
+def test_cli_bad_input_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["prepare", "--initial", str(tmp_path / "nope.nii.gz"), "--followup", str(tmp_path / "nope2.nii.gz"),
+              "--out", str(tmp_path / "out")])
+    assert info.value.code != 0
+    err = capsys.readouterr().err
+    assert "nope.nii.gz: no such file" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_runs_from_any_folder(tmp_path: Path) -> None:
+    cohort = tmp_path / "cohort"
+    generate_cohort(cohort, n_patients=1, seed=5)
+    env = {**os.environ, "PYTHONPATH": ""}
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(BUNDLE_ROOT / "configs" / "prepare.json"),
+         "--bundle_root", str(BUNDLE_ROOT), "--cohort_dir", str(cohort), "--prepared_dir", str(tmp_path / "prepared"),
+         "--grid", "[64, 64, 64]", "--transform_type", "AffineFast"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    datalist = json.loads((tmp_path / "prepared" / "datalist.json").read_text())
+    (entry,) = [e for section in datalist.values() for e in section]
+    assert nib.load(tmp_path / "prepared" / entry["image"]).shape == (64, 64, 64)
