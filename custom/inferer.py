@@ -1,23 +1,28 @@
-"""Whole-volume diffusion sampling with sliding windows (CIResDiff Sec. 2.2 and 3.1).
+"""Whole-volume diffusion sampling with sliding windows, and the matching training losses (CIResDiff Sec. 2.2, 3.1).
 
 Every reverse step runs the denoiser over the *whole* volume with MONAI's
-``SlidingWindowInferer`` (overlapping windows blended with a Gaussian importance map) and only
-then updates the volume, so neighbouring windows never disagree about the sample they share:
-there is one x_t per step, not one per patch.
+``SlidingWindowInferer`` (overlapping windows blended with a Gaussian or constant importance map)
+and only then updates the volume, so neighbouring windows never disagree about the sample they
+share: there is one x_t per step, not one per patch.
 
 - ``ResidualShiftInferer``: starts from the initial scan (x_T = y0 + kappa sqrt(eta_T) noise) and
   takes T (15) posterior steps with the network predicting x0 (the full model, DM-R / DM-R-CIP).
 - ``ConditionalDDPMInferer``: starts from pure noise and runs a MONAI DDPM/DDIM scheduler with the
   network predicting the noise, y0 concatenated (the paper's DM / DM-CIP baseline).
 
-Both follow MONAI's ``Inferer`` contract: ``inferer(inputs, network)`` with the initial scan
-alone returns the generated follow-up (MONAI Label calls it this way); the lung-function text
-context is an optional keyword.
+Both share the sliding-window machinery (``DiffusionSamplingInferer``) and the same denoiser call
+``network(torch.cat([x_t, y0], 1), timesteps, context)``, so DM and DM-R differ only in the
+diffusion. Both follow MONAI's ``Inferer`` contract: ``inferer(inputs, network)`` with the initial
+scan alone returns the generated follow-up (MONAI Label calls it this way); the lung-function
+text context is an optional keyword. ``training_loss`` gives the loss of one training step on
+patches, for an Ignite iteration function.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from abc import abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from monai.inferers import Inferer, SlidingWindowInferer
@@ -30,23 +35,88 @@ from custom.scheduler import ResidualShiftScheduler
 TextEncoder = Callable[[Sequence[str]], torch.Tensor]
 
 
-class _StepNetwork:
-    """The denoiser at one reverse step: adds the step's timestep and context to each window batch."""
+@dataclass
+class SamplingOutput:
+    """Result of ``DiffusionSamplingInferer.sample``.
 
-    def __init__(self, network: Callable, timestep: int, context: torch.Tensor | None) -> None:
+    Attributes:
+        mean: mean of the samples, (B, 1, D, H, W): the generated follow-up.
+        std: voxel-wise standard deviation of the samples (an uncertainty map), same shape; zero
+            for a single sample.
+        samples: all samples, (num_samples, B, 1, D, H, W).
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    samples: torch.Tensor
+
+
+@dataclass
+class TrainingOutput:
+    """Result of ``training_loss``: the loss and what it compared, for logging and metrics.
+
+    Attributes:
+        loss: scalar mean squared error (inside the mask when one was given).
+        prediction: the network's output.
+        target: what the network should have output (x0, or the noise for the DDPM baseline).
+        timesteps: the diffusion steps drawn for the batch, (B,).
+    """
+
+    loss: torch.Tensor
+    prediction: torch.Tensor
+    target: torch.Tensor
+    timesteps: torch.Tensor
+
+
+def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error over all voxels, or over the voxels where ``mask`` is non-zero.
+
+    Args:
+        prediction: network output (B, C, ...).
+        target: target of the same shape.
+        mask: optional (B, 1, ...) or (B, C, ...) region (e.g. the dilated lungs); it weights the voxels.
+    """
+    squared = (prediction.float() - target.float()) ** 2
+    if mask is None:
+        return squared.mean()
+    weight = mask.to(squared).expand_as(squared)
+    return (squared * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def _randn(shape: Sequence[int], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise drawn on the generator's device (for reproducibility), returned like ``like``."""
+    device = generator.device if generator is not None else like.device
+    return torch.randn(tuple(shape), generator=generator, device=device).to(like)
+
+
+class _WindowNetwork:
+    """The denoiser at one reverse step, as ``SlidingWindowInferer`` calls it: windows in, windows out.
+
+    The sliding window passes ``sw_batch_size`` windows at a time; this broadcasts the step's
+    timestep and the case's context (1, L, D) to that window batch, runs the network (under
+    autocast when asked) and returns float32-or-input-dtype outputs, so the blending and the
+    scheduler update stay in full precision.
+    """
+
+    def __init__(
+        self, network: Callable, timestep: int, context: torch.Tensor | None, autocast_dtype: torch.dtype | None
+    ) -> None:
         self.network = network
         self.timestep = timestep
         self.context = context
+        self.autocast_dtype = autocast_dtype
 
     def __call__(self, windows: torch.Tensor) -> torch.Tensor:
         n = windows.shape[0]
         timesteps = torch.full((n,), self.timestep, device=windows.device, dtype=torch.long)
         context = None if self.context is None else self.context.expand(n, *self.context.shape[1:])
-        return self.network(windows, timesteps, context)
+        with torch.autocast(windows.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            out = self.network(windows, timesteps, context)
+        return out.to(windows.dtype)
 
 
 class DiffusionSamplingInferer(Inferer):
-    """Shared machinery: sliding windows over the whole volume at every step, samples, uncertainty.
+    """Shared machinery: sliding windows over the whole volume at every step, several samples, uncertainty.
 
     Args:
         roi_size: window size (the training patch size).
@@ -54,12 +124,15 @@ class DiffusionSamplingInferer(Inferer):
         overlap: fraction of overlap between neighbouring windows.
         mode: blending of overlapping windows, ``"gaussian"`` or ``"constant"``.
         sigma_scale: standard deviation of the Gaussian importance map relative to the window.
-        num_samples: samples drawn per case; with more than one, their mean is the prediction.
-        return_uncertainty: return ``[mean, std]`` as two channels instead of the mean alone.
-        text_encoder: maps texts to context features; used when no context is given.
-        default_text: text encoded when no context is given (the "not measured" record).
+        num_samples: samples drawn per case; the prediction is their mean.
+        return_uncertainty: ``__call__`` returns ``[mean, std]`` as two channels instead of the mean alone.
+        text_encoder: maps texts to context features (B, L, D); used only when no context is given.
+        default_text: the text encoded when no context is given (e.g. the "not measured" record).
         progress: show a progress bar over the reverse steps.
-        seed: seed of the sampling noise (``None`` uses the global random state).
+        seed: seed of the sampling noise, fixed per call so that a case always gives the same
+            sample; ``None`` uses the global random state.
+        autocast_dtype: run the network under ``torch.autocast`` with this dtype (e.g.
+            ``torch.bfloat16`` or ``"bfloat16"``); ``None`` runs it in the input's precision.
     """
 
     def __init__(
@@ -75,13 +148,22 @@ class DiffusionSamplingInferer(Inferer):
         default_text: str | None = None,
         progress: bool = False,
         seed: int | None = 0,
+        autocast_dtype: torch.dtype | str | None = None,
     ) -> None:
         super().__init__()
         if num_samples < 1:
-            raise ValueError("num_samples must be at least 1")
+            raise ValueError(f"num_samples must be at least 1, got {num_samples}.")
+        if text_encoder is not None and default_text is None:
+            raise ValueError("a text encoder needs default_text for calls without a lung-function record.")
+        # created once: its importance map is cached and reused at every step of every case
         self.window = SlidingWindowInferer(
-            roi_size=ensure_tuple_rep(roi_size, 3), sw_batch_size=sw_batch_size, overlap=overlap, mode=mode, sigma_scale=sigma_scale,
-            cache_roi_weight_map=True, progress=False,
+            roi_size=ensure_tuple_rep(roi_size, 3),
+            sw_batch_size=sw_batch_size,
+            overlap=overlap,
+            mode=mode,
+            sigma_scale=sigma_scale,
+            cache_roi_weight_map=True,
+            progress=False,
         )
         self.num_samples = num_samples
         self.return_uncertainty = return_uncertainty
@@ -89,31 +171,115 @@ class DiffusionSamplingInferer(Inferer):
         self.default_text = default_text
         self.progress = progress
         self.seed = seed
+        self.autocast_dtype = getattr(torch, autocast_dtype) if isinstance(autocast_dtype, str) else autocast_dtype
 
-    def denoise(self, network: Callable, x_t: torch.Tensor, y0: torch.Tensor, timestep: int, context: torch.Tensor | None) -> torch.Tensor:
-        """The network's output over the whole volume at one step, from the window blend."""
-        return self.window(torch.cat([x_t, y0], dim=1), _StepNetwork(network, timestep, context))
+    def denoise(
+        self, network: Callable, x_t: torch.Tensor, y0: torch.Tensor, timestep: int, context: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The network's output over the whole volume at one step, blended from the windows.
 
-    def sample_one(self, network: Callable, y0: torch.Tensor, context: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
-        """One sample of the follow-up for one case (1, C, ...); implemented by the subclasses."""
-        raise NotImplementedError
+        Args:
+            network: the denoiser.
+            x_t: the network's view of the current sample (already scaled if the diffusion scales it), (1, 1, ...).
+            y0: the initial scan, (1, 1, ...).
+            timestep: the step index given to the network.
+            context: text features of this case (1, L, D) or ``None``.
+        """
+        return self.window(torch.cat([x_t, y0], dim=1), _WindowNetwork(network, timestep, context, self.autocast_dtype))
+
+    @abstractmethod
+    def sample_one(
+        self, network: Callable, y0: torch.Tensor, context: torch.Tensor | None, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """One sample of the follow-up for one case.
+
+        Args:
+            network: the denoiser.
+            y0: the initial scan of one case, (1, 1, D, H, W).
+            context: its text features (1, L, D) or ``None``.
+            generator: random generator of the sampling noise, or ``None`` for the global state.
+        """
+
+    @abstractmethod
+    def training_loss(
+        self,
+        network: Callable,
+        x0: torch.Tensor,
+        y0: torch.Tensor,
+        context: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> TrainingOutput:
+        """The loss of one training step on a batch of patches, with a uniformly drawn step per patch.
+
+        Args:
+            network: the denoiser.
+            x0: follow-up patches (B, 1, ...).
+            y0: initial patches (B, 1, ...).
+            context: text features (B, L, D) or ``None``.
+            mask: optional region (B, 1, ...) restricting the loss.
+            generator: random generator of the steps and the noise.
+        """
 
     def _context(self, batch_size: int, device: torch.device, context: torch.Tensor | None) -> torch.Tensor | None:
         if context is not None or self.text_encoder is None:
             return context
-        if self.default_text is None:
-            raise ValueError("a text encoder was given without default_text for calls without a lung-function record")
         return self.text_encoder([self.default_text]).to(device).expand(batch_size, -1, -1)
 
     def _generator(self, device: torch.device) -> torch.Generator | None:
         if self.seed is None:
             return None
-        generator = torch.Generator(device=device)
-        generator.manual_seed(self.seed)
-        return generator
+        return torch.Generator(device=device).manual_seed(self.seed)
+
+    def _steps(self, steps: Iterable[int]) -> Iterable[int]:
+        return tqdm(steps, desc="reverse diffusion", leave=False) if self.progress else steps
+
+    @staticmethod
+    def _draw_timesteps(num_timesteps: int, x0: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        device = generator.device if generator is not None else x0.device
+        return torch.randint(0, num_timesteps, (x0.shape[0],), generator=generator, device=device).to(x0.device)
 
     @torch.inference_mode()
-    def __call__(self, inputs: torch.Tensor, network: Callable, context: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
+    def sample(
+        self,
+        inputs: torch.Tensor,
+        network: Callable,
+        context: torch.Tensor | None = None,
+        num_samples: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> SamplingOutput:
+        """Draw samples of the follow-up of every case in ``inputs`` and summarise them.
+
+        Cases are sampled one at a time: MONAI's sliding window mixes windows of different cases
+        in one network call, and each case has its own context.
+
+        Args:
+            inputs: initial scans y0, (B, 1, D, H, W).
+            network: the denoiser.
+            context: text token features (B, L, D) or ``None``.
+            num_samples: samples per case; ``None`` uses the inferer's ``num_samples``.
+            generator: random generator of the sampling noise; ``None`` seeds one from ``seed``.
+        """
+        y0 = torch.as_tensor(inputs)
+        context = self._context(y0.shape[0], y0.device, context)
+        generator = generator if generator is not None else self._generator(y0.device)
+        num_samples = num_samples or self.num_samples
+        samples = torch.stack(
+            [
+                torch.cat(
+                    [
+                        self.sample_one(network, y0[b : b + 1], None if context is None else context[b : b + 1], generator)
+                        for b in range(y0.shape[0])
+                    ]
+                )
+                for _ in range(num_samples)
+            ]
+        )
+        return SamplingOutput(mean=samples.mean(0), std=samples.std(0, unbiased=False), samples=samples)
+
+    def __call__(
+        self, inputs: torch.Tensor, network: Callable, context: torch.Tensor | None = None, *args, **kwargs
+    ) -> torch.Tensor:
         """Generate the follow-up of every case in ``inputs`` (the initial scans, (B, 1, D, H, W)).
 
         Args:
@@ -122,27 +288,16 @@ class DiffusionSamplingInferer(Inferer):
             context: text token features (B, L, D) or ``None``.
             args: unused, for the ``Inferer`` signature.
             kwargs: unused, for the ``Inferer`` signature.
-        """
-        y0 = torch.as_tensor(inputs)
-        context = self._context(y0.shape[0], y0.device, context)
-        generator = self._generator(y0.device)
-        outputs = []
-        for b in range(y0.shape[0]):
-            ctx = None if context is None else context[b : b + 1]
-            samples = torch.stack([self.sample_one(network, y0[b : b + 1], ctx, generator) for _ in range(self.num_samples)])
-            mean = samples.mean(0)
-            if self.return_uncertainty:
-                std = samples.std(0, unbiased=False)
-                mean = torch.cat([mean, std], dim=1)
-            outputs.append(mean)
-        return torch.cat(outputs, dim=0)
 
-    def _steps(self, steps: Sequence[int]):
-        return tqdm(steps, desc="reverse diffusion", leave=False) if self.progress else steps
+        Returns:
+            the mean sample (B, 1, ...), or ``[mean, std]`` (B, 2, ...) when ``return_uncertainty`` is set.
+        """
+        out = self.sample(inputs, network, context)
+        return torch.cat([out.mean, out.std], dim=1) if self.return_uncertainty else out.mean
 
 
 class ResidualShiftInferer(DiffusionSamplingInferer):
-    """Residual-shift sampling from the initial scan over the whole volume (CIResDiff, ResShift).
+    """Residual-shift sampling from the initial scan over the whole volume, and its x0-prediction loss.
 
     Args:
         scheduler: the ``ResidualShiftScheduler`` the network was trained with.
@@ -153,22 +308,51 @@ class ResidualShiftInferer(DiffusionSamplingInferer):
         super().__init__(**kwargs)
         self.scheduler = scheduler
 
-    def sample_one(self, network: Callable, y0: torch.Tensor, context: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
+    def sample_one(
+        self, network: Callable, y0: torch.Tensor, context: torch.Tensor | None, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """x_T = y0 + kappa sqrt(eta_T) noise, then T posterior steps (ResShift Eq. 3) with the predicted x0."""
         scheduler = self.scheduler.to(y0.device)
-        noise_device = generator.device if generator is not None else y0.device
-        x_t = scheduler.prior_sample(y0, torch.randn(y0.shape, generator=generator, device=noise_device).to(y0))
+        x_t = scheduler.prior_sample(y0, _randn(y0.shape, y0, generator))
         for t in self._steps(scheduler.timesteps.tolist()):
             x0_pred = self.denoise(network, scheduler.scale_model_input(x_t, t), y0, t, context)
             x_t, _ = scheduler.step(x0_pred, t, x_t, generator)
         return x_t
 
+    def training_loss(
+        self,
+        network: Callable,
+        x0: torch.Tensor,
+        y0: torch.Tensor,
+        context: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> TrainingOutput:
+        """||f(x_t, y0, t, text) - x0||^2 with t uniform and x_t ~ q(x_t | x0, y0) (CIResDiff Eq. 4).
+
+        Args:
+            network: the denoiser.
+            x0: follow-up patches (B, 1, ...).
+            y0: initial patches (B, 1, ...).
+            context: text features (B, L, D) or ``None``.
+            mask: optional region (B, 1, ...) restricting the loss.
+            generator: random generator of the steps and the noise.
+        """
+        timesteps = self._draw_timesteps(self.scheduler.num_train_timesteps, x0, generator)
+        x_t = self.scheduler.add_noise(x0, y0, _randn(x0.shape, x0, generator), timesteps)
+        prediction = network(torch.cat([self.scheduler.scale_model_input(x_t, timesteps), y0], dim=1), timesteps, context)
+        return TrainingOutput(masked_mse(prediction, x0, mask), prediction, x0, timesteps)
+
 
 class ConditionalDDPMInferer(DiffusionSamplingInferer):
     """Conditional DDPM/DDIM sampling from pure noise with y0 concatenated (the paper's DM baseline).
 
+    The network is the same denoiser; it predicts what the scheduler's ``prediction_type`` says
+    (``"epsilon"`` by default: the noise, Ho et al. 2020).
+
     Args:
-        scheduler: a MONAI ``DDPMScheduler`` or ``DDIMScheduler`` sharing the training noise schedule.
-        num_inference_steps: reverse steps (e.g. 1000 for DDPM, 50 for DDIM).
+        scheduler: a MONAI ``DDPMScheduler`` (e.g. T = 1000) or ``DDIMScheduler`` (e.g. 50 steps).
+        num_inference_steps: reverse steps; ``None`` uses all ``num_train_timesteps``.
         kwargs: see ``DiffusionSamplingInferer``.
     """
 
@@ -177,11 +361,47 @@ class ConditionalDDPMInferer(DiffusionSamplingInferer):
         self.scheduler = scheduler
         self.num_inference_steps = num_inference_steps or scheduler.num_train_timesteps
 
-    def sample_one(self, network: Callable, y0: torch.Tensor, context: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
+    def sample_one(
+        self, network: Callable, y0: torch.Tensor, context: torch.Tensor | None, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """x_T ~ N(0, I), then the scheduler's reverse steps with the network's prediction."""
         self.scheduler.set_timesteps(self.num_inference_steps, device=y0.device)
-        noise_device = generator.device if generator is not None else y0.device
-        x_t = torch.randn(y0.shape, generator=generator, device=noise_device).to(y0)
+        x_t = _randn(y0.shape, y0, generator)
         for t in self._steps(self.scheduler.timesteps.tolist()):
-            eps = self.denoise(network, x_t, y0, int(t), context)
-            x_t, _ = self.scheduler.step(eps, int(t), x_t, generator=generator)
+            model_output = self.denoise(network, x_t, y0, int(t), context)
+            x_t, _ = self.scheduler.step(model_output, int(t), x_t, generator=generator)
         return x_t
+
+    def training_loss(
+        self,
+        network: Callable,
+        x0: torch.Tensor,
+        y0: torch.Tensor,
+        context: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> TrainingOutput:
+        """||f(x_t, y0, t, text) - eps||^2 with x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (Ho et al. 2020, Eq. 14).
+
+        With ``prediction_type="sample"`` the target is x0, with ``"v_prediction"`` the velocity.
+
+        Args:
+            network: the denoiser.
+            x0: follow-up patches (B, 1, ...).
+            y0: initial patches (B, 1, ...).
+            context: text features (B, L, D) or ``None``.
+            mask: optional region (B, 1, ...) restricting the loss.
+            generator: random generator of the steps and the noise.
+        """
+        timesteps = self._draw_timesteps(self.scheduler.num_train_timesteps, x0, generator)
+        noise = _randn(x0.shape, x0, generator)
+        x_t = self.scheduler.add_noise(original_samples=x0, noise=noise, timesteps=timesteps)
+        prediction = network(torch.cat([x_t, y0], dim=1), timesteps, context)
+        prediction_type = getattr(self.scheduler, "prediction_type", "epsilon")
+        if prediction_type == "epsilon":
+            target = noise
+        elif prediction_type == "sample":
+            target = x0
+        else:
+            target = self.scheduler.get_velocity(x0, noise, timesteps)
+        return TrainingOutput(masked_mse(prediction, target, mask), prediction, target, timesteps)

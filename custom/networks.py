@@ -27,8 +27,10 @@ class AttentionGate(nn.Module):
 
     The gating signal g (decoder features, upsampled to the skip's size) and the skip features x
     give a voxel-wise coefficient alpha = sigmoid(psi(relu(W_g g + W_x x))) that scales x, so the
-    decoder takes from the skip only what the coarser context finds relevant. No batch norm:
-    diffusion training uses small batches of patches.
+    decoder takes from the skip only what the coarser context finds relevant. MONAI's
+    ``attentionunet.AttentionBlock`` computes the same gate but with fixed BatchNorm layers, whose
+    statistics are unreliable with batches of two patches and are shared across all noise levels
+    of the diffusion; this gate therefore has no normalisation.
 
     Args:
         skip_channels: channels of the skip features x.
@@ -85,7 +87,9 @@ class AttentionDiffusionUNet(nn.Module):
         with_conditioning: build the text-fusion blocks.
         context_dim: width of the text token features.
         fusion_mode: ``"standard"`` or ``"paper"`` (see ``custom.fusion``).
-        use_checkpointing: recompute activations in the backward pass to save memory.
+        bottleneck_attention: self-attention over the voxels of the coarsest level (global
+            context across the lungs at 1/8 resolution, cheap there: 12^3 tokens for a 96^3 patch).
+        use_checkpointing: recompute each level's activations in the backward pass to save memory.
     """
 
     def __init__(
@@ -101,6 +105,7 @@ class AttentionDiffusionUNet(nn.Module):
         with_conditioning: bool = True,
         context_dim: int = 256,
         fusion_mode: str = "standard",
+        bottleneck_attention: bool = True,
         use_checkpointing: bool = False,
     ) -> None:
         super().__init__()
@@ -130,8 +135,13 @@ class AttentionDiffusionUNet(nn.Module):
                 self.downsample.append(nn.Conv3d(ch, ch, kernel_size=3, stride=2, padding=1))
         bottom = channels[-1]
         self.mid_block1 = DiffusionUNetResnetBlock(3, bottom, temb, bottom, norm_num_groups=norm_num_groups)
-        self.mid_attention = SpatialAttentionBlock(
-            3, bottom, num_head_channels=num_head_channels, norm_num_groups=norm_num_groups, use_flash_attention=True
+        # use_flash_attention selects torch's scaled_dot_product_attention (memory-efficient kernels on GPU)
+        self.mid_attention = (
+            SpatialAttentionBlock(
+                3, bottom, num_head_channels=num_head_channels, norm_num_groups=norm_num_groups, use_flash_attention=True
+            )
+            if bottleneck_attention
+            else nn.Identity()
         )
         self.mid_block2 = DiffusionUNetResnetBlock(3, bottom, temb, bottom, norm_num_groups=norm_num_groups)
         self.up = nn.ModuleList()

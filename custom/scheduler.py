@@ -1,19 +1,23 @@
-"""Residual-shift diffusion schedule (ResShift, Yue et al., NeurIPS 2023; CIResDiff Sec. 2.2).
+"""Residual-shift diffusion (ResShift, Yue et al., NeurIPS 2023; CIResDiff Sec. 2.2).
 
-With y0 the initial scan, x0 the follow-up and e0 = y0 - x0 their residual, the forward process
-shifts x0 towards y0 while adding noise (CIResDiff Eq. 2, ResShift Eq. 4):
+With y0 the initial scan, x0 the follow-up and e0 = y0 - x0 their residual, one forward step
+moves the sample a little towards y0 and adds noise (ResShift Eq. 1):
+
+    q(x_t | x_{t-1}, y0) = N(x_t; x_{t-1} + alpha_t e0, kappa^2 alpha_t I),   alpha_t = eta_t - eta_{t-1},
+
+so the marginal is (ResShift Eq. 2, CIResDiff Eq. 2)
 
     q(x_t | x0, y0) = N(x_t; x0 + eta_t e0, kappa^2 eta_t I),   t = 1..T,
 
-with eta increasing from eta_1 ~ 0 to eta_T ~ 1, so x_T is y0 plus Gaussian noise and sampling
-starts from the initial scan. The reverse step is the Bayes posterior (CIResDiff Eq. 3,
-ResShift Eq. 7) with x0 replaced by the network's prediction:
+with eta increasing from eta_1 ~ 0 to eta_T ~ 1: x_T is y0 plus Gaussian noise and sampling starts
+from the initial scan. The reverse step is the Bayes posterior (ResShift Eq. 3, CIResDiff Eq. 3)
+with x0 replaced by the network's prediction:
 
-    q(x_{t-1} | x_t, x0) = N(eta_{t-1}/eta_t x_t + alpha_t/eta_t x0, kappa^2 eta_{t-1}/eta_t alpha_t I),
-    alpha_t = eta_t - eta_{t-1}.
+    q(x_{t-1} | x_t, x0, y0) = N(eta_{t-1}/eta_t x_t + alpha_t/eta_t x0, kappa^2 eta_{t-1}/eta_t alpha_t I).
 
-In code, timesteps are 0-indexed: index i holds eta_{i+1}, so index 0 is the last reverse step,
-whose posterior has zero variance and returns the predicted x0.
+Indexing: the papers count t = 1..T; in code timesteps are 0-indexed, index i holds eta_{i+1}.
+Index 0 is therefore the last reverse step; there eta_{t-1} = eta_0 = 0, so its posterior has
+zero variance and returns the predicted x0.
 """
 
 from __future__ import annotations
@@ -27,42 +31,53 @@ from torch import nn
 def residual_shift_etas(
     num_train_timesteps: int, kappa: float, min_noise_level: float, etas_end: float, power: float
 ) -> torch.Tensor:
-    """The eta schedule of ResShift (Sec. 3.1, "Noise schedule"), in float64.
+    """The eta schedule of ResShift (Sec. 3.2, noise schedule), in float64, 0-indexed.
 
-    sqrt(eta_t) = sqrt(eta_1) * b0 ** beta_t with beta_t = ((t - 1) / (T - 1)) ** p * (T - 1) and
-    b0 = exp(log(eta_T / eta_1) / (2 (T - 1))), so sqrt(eta) is geometric in the warped step
-    beta_t; eta_1 = min((min_noise_level / kappa) ** 2, 0.001) keeps the first step nearly clean.
+    sqrt(eta_t) = sqrt(eta_1) * b0 ** beta_t, with beta_t = ((t - 1) / (T - 1)) ** p * (T - 1) and
+    b0 = exp(log(eta_T / eta_1) / (2 (T - 1))): sqrt(eta) is geometric in the warped step beta_t,
+    from sqrt(eta_1) at t = 1 to sqrt(eta_T) at t = T. eta_1 = min((min_noise_level / kappa) ** 2,
+    0.001) makes the noise standard deviation of the first step kappa sqrt(eta_1) at most
+    min_noise_level, and caps eta_1 so that the first step keeps x0 almost unshifted.
 
     Args:
         num_train_timesteps: T.
         kappa: noise scale kappa.
-        min_noise_level: noise standard deviation wanted at t = 1 (before the 0.001 cap).
+        min_noise_level: noise standard deviation wanted at t = 1 (before the 0.001 cap of eta_1).
         etas_end: eta_T.
-        power: warping power p (smaller spends more steps near t = 1).
+        power: warping power p (p < 1 spends more steps near t = 1, where the image is almost clean).
+
+    Returns:
+        (T,) tensor whose entry i is eta_{i + 1}.
     """
     if num_train_timesteps < 2:
-        raise ValueError("the residual-shift schedule needs at least 2 steps")
+        raise ValueError(f"the residual-shift schedule needs at least 2 steps, got {num_train_timesteps}.")
     if not 0 < etas_end <= 1:
-        raise ValueError(f"etas_end must be in (0, 1], got {etas_end}")
+        raise ValueError(f"etas_end must be in (0, 1], got {etas_end}.")
+    if kappa <= 0 or min_noise_level <= 0 or power <= 0:
+        raise ValueError("kappa, min_noise_level and power must be positive.")
     eta_1 = min((min_noise_level / kappa) ** 2, 0.001)
     t_max = num_train_timesteps - 1
     b0 = math.exp(math.log(etas_end / eta_1) / (2 * t_max))
-    steps = torch.arange(num_train_timesteps, dtype=torch.float64)
-    beta = (steps / t_max) ** power * t_max
+    beta = (torch.arange(num_train_timesteps, dtype=torch.float64) / t_max) ** power * t_max
     return (math.sqrt(eta_1) * b0**beta) ** 2
 
 
 class ResidualShiftScheduler(nn.Module):
     """Forward process, posterior step and prior of residual-shift diffusion; owns its buffers.
 
+    Mirrors MONAI's ``monai.networks.schedulers.Scheduler`` (an ``nn.Module`` whose buffers follow
+    ``.to(device)``, ``add_noise`` and ``step``), but MONAI's base class is built around a beta
+    schedule shrinking x0 towards zero, which cannot express a shift of x0 towards y0. Every
+    coefficient is computed in float64 and stored in float32.
+
     Args:
-        num_train_timesteps: number of diffusion steps T (CIResDiff uses 15).
+        num_train_timesteps: number of diffusion steps T (CIResDiff uses 15); all T are used for sampling.
         kappa: noise scale; ResShift uses 2.0, CIResDiff's released code 0.1 (see docs/benchmarks.md).
-        min_noise_level: noise level at the first step before capping (ResShift: 0.04).
+        min_noise_level: noise standard deviation at the first step before the cap (ResShift: 0.04).
         etas_end: eta_T (ResShift: 0.99).
         power: schedule warping p (ResShift: 0.3).
         scale_input: divide the network input x_t by sqrt(kappa^2 eta_t + 1), as ResShift does, so
-            its variance stays near that of the images at every step.
+            that its spread stays close to that of the images at every step.
     """
 
     def __init__(
@@ -76,7 +91,6 @@ class ResidualShiftScheduler(nn.Module):
     ) -> None:
         super().__init__()
         self.num_train_timesteps = num_train_timesteps
-        self.num_inference_steps = num_train_timesteps
         self.kappa = kappa
         self.scale_input = scale_input
         etas = residual_shift_etas(num_train_timesteps, kappa, min_noise_level, etas_end, power)
@@ -84,47 +98,45 @@ class ResidualShiftScheduler(nn.Module):
         alphas = etas - etas_prev
         self.register_buffer("etas", etas.float())
         self.register_buffer("sqrt_etas", etas.sqrt().float())
+        self.register_buffer("input_scale", (kappa**2 * etas + 1.0).rsqrt().float())
         self.register_buffer("posterior_coef_xt", (etas_prev / etas).float())
         self.register_buffer("posterior_coef_x0", (alphas / etas).float())
         self.register_buffer("posterior_variance", (kappa**2 * etas_prev / etas * alphas).float())
+        # reverse order of the sampling loop: T-1, ..., 0
         self.register_buffer("timesteps", torch.arange(num_train_timesteps - 1, -1, -1))
 
     @staticmethod
-    def _per_sample(values: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """``values[timesteps]`` shaped (B, 1, ..., 1) to broadcast against ``like``."""
-        out = values.to(like.device)[timesteps.to(like.device).long()]
-        return out.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+    def _per_sample(values: torch.Tensor, timesteps: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
+        """``values[timesteps]`` shaped (B, 1, ..., 1) (or (1, ..., 1) for one step) to broadcast against ``like``."""
+        index = torch.as_tensor(timesteps, device=values.device).long().reshape(-1)
+        return values[index].to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
-    def add_noise(
-        self, original_samples: torch.Tensor, y0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
-    ) -> torch.Tensor:
-        """Sample x_t ~ q(x_t | x0, y0) = N(x0 + eta_t (y0 - x0), kappa^2 eta_t I) (CIResDiff Eq. 2).
+    def add_noise(self, x0: torch.Tensor, y0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Sample x_t ~ q(x_t | x0, y0) = N(x0 + eta_t (y0 - x0), kappa^2 eta_t I) (ResShift Eq. 2).
 
         Args:
-            original_samples: x0, the follow-up, (B, C, ...).
+            x0: the follow-up, (B, C, ...).
             y0: the initial scan, same shape.
             noise: standard normal noise, same shape.
             timesteps: (B,) step indices in [0, T).
         """
-        eta = self._per_sample(self.etas, timesteps, original_samples)
-        sqrt_eta = self._per_sample(self.sqrt_etas, timesteps, original_samples)
-        return original_samples + eta * (y0 - original_samples) + self.kappa * sqrt_eta * noise
+        eta = self._per_sample(self.etas, timesteps, x0)
+        sqrt_eta = self._per_sample(self.sqrt_etas, timesteps, x0)
+        return x0 + eta * (y0 - x0) + self.kappa * sqrt_eta * noise
 
     def scale_model_input(self, sample: torch.Tensor, timesteps: torch.Tensor | int) -> torch.Tensor:
-        """x_t / sqrt(kappa^2 eta_t + 1) when ``scale_input`` is on, else x_t.
+        """The network input for x_t: x_t / sqrt(kappa^2 eta_t + 1) when ``scale_input`` is on, else x_t.
 
         Args:
             sample: x_t, (B, C, ...).
-            timesteps: (B,) step indices or one index for the whole batch.
+            timesteps: (B,) step indices, or one index for the whole batch.
         """
         if not self.scale_input:
             return sample
-        timesteps = torch.as_tensor(timesteps).reshape(-1).expand(sample.shape[0])
-        eta = self._per_sample(self.etas, timesteps, sample)
-        return sample / torch.sqrt(self.kappa**2 * eta + 1.0)
+        return sample * self._per_sample(self.input_scale, timesteps, sample)
 
     def prior_sample(self, y0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """x_T = y0 + kappa sqrt(eta_T) noise: sampling starts from the initial scan.
+        """x_T = y0 + kappa sqrt(eta_T) noise, a sample of q(x_T | x0, y0) with eta_T ~ 1 (ResShift Eq. 2 at t = T).
 
         Args:
             y0: the initial scan.
@@ -139,23 +151,26 @@ class ResidualShiftScheduler(nn.Module):
         sample: torch.Tensor,
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One reverse step: sample x_{t-1} from the posterior with x0 predicted by the network.
+        """One reverse step: x_{t-1} from the posterior (ResShift Eq. 3) with x0 predicted by the network.
 
-        Mean eta_{t-1}/eta_t x_t + alpha_t/eta_t x0_pred and variance kappa^2 eta_{t-1}/eta_t
-        alpha_t (CIResDiff Eq. 3); the last step (index 0) adds no noise and returns x0_pred.
+        Mean eta_{t-1}/eta_t x_t + alpha_t/eta_t x0_pred, variance kappa^2 eta_{t-1}/eta_t alpha_t;
+        the last step (index 0) draws no noise and returns x0_pred itself.
 
         Args:
             model_output: the network's prediction of x0.
-            timestep: current step index t in [0, T).
+            timestep: current step index t in [0, T) (0-indexed, see the module docstring).
             sample: x_t.
-            generator: random generator for the posterior noise.
+            generator: random generator for the posterior noise; noise is drawn on its device.
 
         Returns:
-            x_{t-1} and the predicted x0.
+            x_{t-1} and the predicted x0, as MONAI's schedulers return (prev_sample, pred_original_sample).
         """
-        mean = self.posterior_coef_xt[timestep] * sample + self.posterior_coef_x0[timestep] * model_output
+        timestep = int(timestep)
+        if not 0 <= timestep < self.num_train_timesteps:
+            raise ValueError(f"timestep must be in [0, {self.num_train_timesteps}), got {timestep}.")
         if timestep == 0:
-            return mean, model_output
+            return model_output, model_output
+        mean = self.posterior_coef_xt[timestep] * sample + self.posterior_coef_x0[timestep] * model_output
         noise_device = generator.device if generator is not None else sample.device
-        noise = torch.randn(sample.shape, generator=generator, device=noise_device, dtype=sample.dtype).to(sample.device)
-        return mean + self.posterior_variance[timestep].sqrt() * noise, model_output
+        noise = torch.randn(sample.shape, generator=generator, device=noise_device, dtype=sample.dtype)
+        return mean + self.posterior_variance[timestep].sqrt() * noise.to(sample.device), model_output

@@ -1,0 +1,210 @@
+"""Whole-volume sliding-window sampling (residual shift and DDPM/DDIM baseline) and the training losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+
+from custom.inferer import ConditionalDDPMInferer, ResidualShiftInferer, SamplingOutput
+from custom.networks import AttentionDiffusionUNet
+from custom.scheduler import ResidualShiftScheduler
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread is faster than several competing for a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _true_x0(y0: torch.Tensor) -> torch.Tensor:
+    """The toy follow-up of a toy initial scan: a voxel-wise, non-linear change."""
+    return 0.8 * y0**2 + 0.05
+
+
+class _ResidualOracle(torch.nn.Module):
+    """Returns the true x0 in every window, read from the y0 channel."""
+
+    def forward(self, x, timesteps, context=None):
+        return _true_x0(x[:, 1:2])
+
+
+class _EpsilonOracle(torch.nn.Module):
+    """Returns the true noise of x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, for the DDPM baseline."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor) -> None:
+        super().__init__()
+        self.alphas_cumprod = alphas_cumprod
+
+    def forward(self, x, timesteps, context=None):
+        abar = self.alphas_cumprod[timesteps].reshape(-1, 1, 1, 1, 1)
+        return (x[:, :1] - abar.sqrt() * _true_x0(x[:, 1:2])) / (1 - abar).sqrt()
+
+
+class _Pointwise(torch.nn.Module):
+    """Translation-equivariant, timestep- and context-dependent network: windows cannot change its answer.
+
+    It records what each call received, to check how the sliding window's window batches are fed.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.mix = torch.nn.Conv3d(2, 1, 1)
+        self.calls: list[tuple[int, list[int], int | None]] = []
+
+    @property
+    def steps(self) -> list[int]:
+        return [timesteps[0] for _, timesteps, _ in self.calls]
+
+    def forward(self, x, timesteps, context=None):
+        self.calls.append((x.shape[0], timesteps.tolist(), None if context is None else context.shape[0]))
+        shift = 0.0 if context is None else context.mean()
+        return self.mix(x) * (1 + 0.05 * timesteps.float().reshape(-1, 1, 1, 1, 1)) + shift
+
+
+def test_oracle_denoiser_makes_sampling_return_x0_through_sliding_windows():
+    y0 = torch.rand(2, 1, 24, 20, 16, generator=torch.Generator().manual_seed(3))
+    for mode in ("gaussian", "constant"):
+        inferer = ResidualShiftInferer(
+            ResidualShiftScheduler(num_train_timesteps=15), roi_size=(12, 12, 8), sw_batch_size=3, overlap=0.5, mode=mode
+        )
+        out = inferer(y0, _ResidualOracle())
+        assert out.shape == y0.shape
+        assert torch.allclose(out, _true_x0(y0), atol=1e-6)
+
+
+def test_window_batches_get_the_step_and_context_and_steps_run_backwards():
+    y0 = torch.rand(1, 1, 24, 24, 16, generator=torch.Generator().manual_seed(4))
+    net = _Pointwise()
+    # 3 x 3 x 1 windows in batches of 4: the last batch has a single window
+    inferer = ResidualShiftInferer(ResidualShiftScheduler(), roi_size=(12, 12, 16), sw_batch_size=4, overlap=0.5)
+    inferer(y0, net, torch.randn(1, 6, 5))
+    assert [n for n, _, _ in net.calls] == [4, 4, 1] * 15
+    assert all(len(set(timesteps)) == 1 and len(timesteps) == n == rows for n, timesteps, rows in net.calls)
+    assert net.steps == [t for t in range(14, -1, -1) for _ in range(3)]
+
+
+def test_sliding_window_sampling_equals_single_window_sampling():
+    y0 = torch.rand(1, 1, 32, 32, 24, generator=torch.Generator().manual_seed(4))
+    context = torch.randn(1, 4, 6)
+    net = _Pointwise()
+    whole = ResidualShiftInferer(ResidualShiftScheduler(), roi_size=(32, 32, 24), seed=5)(y0, net, context)
+    for mode in ("gaussian", "constant"):
+        windows = ResidualShiftInferer(ResidualShiftScheduler(), roi_size=16, overlap=0.25, mode=mode, seed=5)
+        assert torch.allclose(windows(y0, net, context), whole, atol=1e-5)
+
+
+def test_samples_are_reproducible_and_give_mean_and_uncertainty():
+    y0 = torch.rand(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(6))
+    net = _Pointwise()
+    inferer = ResidualShiftInferer(ResidualShiftScheduler(), roi_size=16, num_samples=3, seed=1)
+    out = inferer.sample(y0, net)
+    assert isinstance(out, SamplingOutput) and out.samples.shape == (3, 2, 1, 16, 16, 16)
+    assert torch.allclose(out.mean, out.samples.mean(0)) and torch.allclose(out.std, out.samples.std(0, unbiased=False))
+    assert out.std.mean() > 0
+    assert torch.equal(inferer(y0, net), out.mean)
+    other = inferer.sample(y0, net, generator=torch.Generator().manual_seed(2))
+    assert not torch.allclose(other.mean, out.mean)
+    two_channels = ResidualShiftInferer(ResidualShiftScheduler(), roi_size=16, num_samples=3, seed=1, return_uncertainty=True)
+    assert torch.equal(two_channels(y0, net), torch.cat([out.mean, out.std], dim=1))
+
+
+def test_monai_label_call_with_the_image_alone():
+    torch.manual_seed(0)
+    net = AttentionDiffusionUNet(channels=(8, 16, 16), attention_levels=(False, True, True), norm_num_groups=4,
+                                 num_head_channels=8, context_dim=12).eval()
+    y0 = torch.rand(1, 1, 24, 16, 16)
+    out = ResidualShiftInferer(ResidualShiftScheduler(), roi_size=16, overlap=0.5)(y0, net)
+    assert out.shape == y0.shape and torch.isfinite(out).all()
+    texts = []
+
+    def encoder(batch):
+        texts.append(list(batch))
+        return torch.ones(len(batch), 3, 12)
+
+    inferer = ResidualShiftInferer(ResidualShiftScheduler(), roi_size=16, text_encoder=encoder, default_text="no record")
+    assert inferer(y0, net).shape == y0.shape and texts == [["no record"]]
+
+
+def test_residual_training_loss_is_x0_prediction_at_a_uniform_step():
+    g = torch.Generator().manual_seed(8)
+    x0, y0 = torch.rand(4, 1, 8, 8, 8, generator=g), torch.rand(4, 1, 8, 8, 8, generator=g)
+    mask = (torch.rand(4, 1, 8, 8, 8, generator=g) > 0.5).float()
+    scheduler = ResidualShiftScheduler()
+    inferer = ResidualShiftInferer(scheduler, roi_size=8)
+    net = _Pointwise()
+    out = inferer.training_loss(net, x0, y0, mask=mask, generator=torch.Generator().manual_seed(9))
+    # replay the draws: steps first, then the noise
+    replay = torch.Generator().manual_seed(9)
+    t = torch.randint(0, 15, (4,), generator=replay)
+    x_t = scheduler.add_noise(x0, y0, torch.randn(x0.shape, generator=replay), t)
+    expected = net(torch.cat([scheduler.scale_model_input(x_t, t), y0], 1), t)
+    assert torch.equal(out.timesteps, t) and torch.equal(out.target, x0)
+    assert torch.allclose(out.prediction, expected)
+    assert torch.allclose(out.loss, ((expected - x0) ** 2 * mask).sum() / mask.sum())
+    out.loss.backward()
+    assert net.mix.weight.grad is not None
+
+
+def _toy_pair(g: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x0 = torch.rand(n, 1, 16, 16, 16, generator=g) * 0.2 + 0.3
+    y0 = x0.clone()
+    y0[:, :, 4:12, 4:12, 4:12] += 0.25  # the fixed residual the model must learn to remove
+    return x0, y0
+
+
+def test_trained_small_denoiser_beats_the_identity_prediction():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(7)
+    inferer = ResidualShiftInferer(ResidualShiftScheduler(kappa=0.5), roi_size=16, seed=11)
+    net = AttentionDiffusionUNet(channels=(8, 16), attention_levels=(False, False), norm_num_groups=4,
+                                 num_head_channels=8, with_conditioning=False)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(200):
+        x0, y0 = _toy_pair(g, 4)
+        loss = inferer.training_loss(net, x0, y0, generator=g).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    x0, y0 = _toy_pair(torch.Generator().manual_seed(99), 2)  # held-out images and sampling noise
+    mse_model = torch.mean((inferer(y0, net) - x0) ** 2).item()
+    mse_identity = torch.mean((y0 - x0) ** 2).item()
+    assert mse_model < 0.6 * mse_identity, (mse_model, mse_identity)
+
+
+def test_ddpm_baseline_loss_is_epsilon_prediction():
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    inferer = ConditionalDDPMInferer(scheduler, roi_size=8)
+    g = torch.Generator().manual_seed(10)
+    x0, y0 = torch.rand(3, 1, 8, 8, 8, generator=g), torch.rand(3, 1, 8, 8, 8, generator=g)
+    net = _Pointwise()
+    out = inferer.training_loss(net, x0, y0, generator=torch.Generator().manual_seed(12))
+    replay = torch.Generator().manual_seed(12)
+    t = torch.randint(0, 1000, (3,), generator=replay)
+    eps = torch.randn(x0.shape, generator=replay)
+    abar = scheduler.alphas_cumprod[t].reshape(-1, 1, 1, 1, 1)
+    expected = net(torch.cat([abar.sqrt() * x0 + (1 - abar).sqrt() * eps, y0], 1), t)
+    assert torch.equal(out.timesteps, t) and torch.equal(out.target, eps)
+    assert torch.allclose(out.prediction, expected, atol=1e-6)
+    assert torch.allclose(out.loss, torch.mean((expected - eps) ** 2))
+
+
+def test_ddpm_and_ddim_baselines_sample_the_whole_volume_from_noise():
+    y0 = torch.rand(1, 1, 24, 16, 16, generator=torch.Generator().manual_seed(13))
+    ddim = DDIMScheduler(num_train_timesteps=1000)
+    oracle = _EpsilonOracle(ddim.alphas_cumprod)
+    # with the true noise, deterministic DDIM ends exactly on x0, through the sliding windows
+    out = ConditionalDDPMInferer(ddim, num_inference_steps=10, roi_size=16, overlap=0.5)(y0, oracle)
+    assert torch.allclose(out, _true_x0(y0), atol=1e-4)
+    net = _Pointwise()
+    ddpm = ConditionalDDPMInferer(DDPMScheduler(num_train_timesteps=1000), num_inference_steps=20, roi_size=16)
+    out = ddpm(y0, net)
+    assert out.shape == y0.shape and torch.isfinite(out).all()
+    # one call of both windows per step, the scheduler's 20 steps from the noisiest one down
+    assert [n for n, _, _ in net.calls] == [2] * 20
+    assert net.steps == ddpm.scheduler.timesteps.tolist() and net.steps[0] > 900

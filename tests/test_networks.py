@@ -1,0 +1,112 @@
+"""AttentionDiffusionUNet: shapes, timestep and text conditioning, attention gates, checkpointing, export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from custom.networks import AttentionDiffusionUNet, AttentionGate
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread is faster than several competing for a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tiny(**kwargs) -> AttentionDiffusionUNet:
+    torch.manual_seed(0)
+    args = dict(channels=(8, 16, 32), attention_levels=(False, True, True), norm_num_groups=4, num_head_channels=8,
+                context_dim=12)
+    return AttentionDiffusionUNet(**{**args, **kwargs})
+
+
+def _perturb(net: torch.nn.Module) -> None:
+    """Move every weight, so the zero-initialised fusion outputs no longer hide the context."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def test_output_shape_and_timestep_dependence():
+    net = _tiny().eval()
+    _perturb(net)  # MONAI zero-initialises the last convolution of each residual block
+    x = torch.rand(2, 2, 16, 24, 32)
+    with torch.no_grad():
+        out = net(x, torch.tensor([0, 14]))
+        assert out.shape == (2, 1, 16, 24, 32)
+        assert not torch.allclose(out, net(x, torch.tensor([5, 5])))
+    with pytest.raises(ValueError, match="divisible"):
+        net(torch.rand(1, 2, 10, 16, 16), torch.tensor([1]))
+
+
+def test_context_changes_the_output_only_through_the_fusion_blocks():
+    net = _tiny().eval()
+    x, t = torch.rand(1, 2, 16, 16, 16), torch.tensor([4])
+    c1, c2 = torch.randn(1, 3, 12), torch.randn(1, 5, 12)
+    with torch.no_grad():
+        # zero-initialised fusion: at initialisation the text cannot change anything
+        assert torch.allclose(net(x, t, c1), net(x, t, None))
+        _perturb(net)
+        a, b, unconditioned = net(x, t, c1), net(x, t, c2), net(x, t, None)
+    assert not torch.allclose(a, b, atol=1e-4)
+    assert not torch.allclose(a, unconditioned, atol=1e-4)
+    fused_levels = [m for m in net.modules() if type(m).__name__ == "_Level" and m.fusion is not None]
+    assert len(fused_levels) == 3  # encoder levels 1 and 2, decoder level 1 (level 2 is the bottom)
+
+
+def test_unconditioned_network_has_no_fusion_and_ignores_context():
+    net = _tiny(with_conditioning=False).eval()
+    _perturb(net)
+    x, t = torch.rand(1, 2, 16, 16, 16), torch.tensor([2])
+    with torch.no_grad():
+        assert torch.equal(net(x, t, torch.randn(1, 3, 12)), net(x, t))
+    assert all(m.fusion is None for m in net.modules() if type(m).__name__ == "_Level")
+
+
+def test_attention_gates_sit_on_every_skip_and_gate_it():
+    net = _tiny().eval()
+    gates = [m for m in net.modules() if isinstance(m, AttentionGate)]
+    assert len(gates) == 2  # one per skip connection of a 3-level U-Net
+    coefficients = []
+    for gate in gates:
+        gate.psi.register_forward_hook(lambda _m, _i, out: coefficients.append(torch.sigmoid(out)))
+    with torch.no_grad():
+        net(torch.rand(1, 2, 16, 16, 16), torch.tensor([3]))
+    assert [c.shape[2:] for c in coefficients] == [(8, 8, 8), (16, 16, 16)]
+    assert all(c.min() > 0 and c.max() < 1 and c.std() > 0 for c in coefficients)
+
+
+def test_checkpointing_gives_the_same_gradients():
+    x, t, c = torch.rand(1, 2, 16, 16, 16), torch.tensor([7]), torch.randn(1, 3, 12)
+    grads = []
+    for use_checkpointing in (False, True):
+        net = _tiny(use_checkpointing=use_checkpointing).train()
+        _perturb(net)
+        net(x, t, c).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_bottleneck_attention_is_optional_and_the_network_exports():
+    net = _tiny(bottleneck_attention=False)
+    assert isinstance(net.mid_attention, torch.nn.Identity)
+    net = _tiny().eval()
+    _perturb(net)
+    x, t, c = torch.rand(1, 2, 16, 16, 16), torch.tensor([3]), torch.randn(1, 3, 12)
+    exported = torch.export.export(net, (x, t, c))
+    with torch.no_grad():
+        assert torch.allclose(exported.module()(x, t, c), net(x, t, c), atol=1e-5)
+
+
+def test_invalid_configurations_are_refused():
+    with pytest.raises(ValueError, match="attention_levels"):
+        _tiny(attention_levels=(False, True))
+    with pytest.raises(ValueError, match="norm_num_groups"):
+        _tiny(norm_num_groups=3)
+    with pytest.raises(ValueError, match="3D"):
+        _tiny(spatial_dims=2)
