@@ -174,7 +174,7 @@ def test_config_runs_from_any_folder(tmp_path: Path) -> None:
         [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(BUNDLE_ROOT / "configs" / "prepare.json"),
          "--bundle_root", str(BUNDLE_ROOT), "--cohort_dir", str(cohort), "--prepared_dir", str(tmp_path / "prepared"),
          "--grid", "[64, 64, 64]", "--transform_type", "AffineFast"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        cwd=tmp_path, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     datalist = json.loads((tmp_path / "prepared" / "datalist.json").read_text())
     (entry,) = [e for section in datalist.values() for e in section]
