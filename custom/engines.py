@@ -132,7 +132,7 @@ class ConditionalDDPMPrepareBatch(ConditionalPrepareBatch):
 
 
 class SamplingPrepareBatch(ConditionalPrepareBatch):
-    """Evaluation input: y0 for the sampler, x0 as the reference, and the text context.
+    """Evaluation and inference input: y0 for the sampler, x0 as the reference when known, the text context.
 
     Args:
         text_encoder: see ``ConditionalPrepareBatch``.
@@ -144,5 +144,8 @@ class SamplingPrepareBatch(ConditionalPrepareBatch):
     def __call__(
         self, batchdata: dict, device: torch.device | str | None = None, non_blocking: bool = False, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
-        y0, x0 = self.images(batchdata, device, non_blocking)
+        y0 = torch.as_tensor(batchdata[self.image_key]).to(device, non_blocking=non_blocking)
+        # At inference there is no follow-up to compare with.
+        x0 = batchdata.get(self.target_key)
+        x0 = None if x0 is None else torch.as_tensor(x0).to(device, non_blocking=non_blocking)
         return y0, x0, (), {"context": self.context(batchdata, device)}

@@ -1,0 +1,202 @@
+"""Inference outputs: the generated follow-up in the initial scan's space, change and uncertainty maps,
+progression probability, and the files a person opens.
+
+``configs/inference.json`` runs: preprocessing (load, segment, cut the lung region onto the
+model grid) -> ``ResidualShiftInferer`` -> ``FollowupOutputsd`` (this module) -> ``InferenceWriter``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+
+from custom.constants import HU_WINDOW
+from custom.figures import save_comparison_figure
+from custom.io import write_json, write_nifti
+from custom.preregistration import denormalize, resample
+from custom.text import read_lung_function
+
+logger = logging.getLogger(__name__)
+
+
+def _case_id(path: Path) -> str:
+    """The case's name: the file name without its extension, or the folder's for generic names."""
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return path.parent.name if name in ("initial", "image", "ct") else name
+
+
+def input_cases(
+    input: str | os.PathLike, record: Mapping | None = None, records_csv: str | os.PathLike | None = None,
+    output_dir: str | os.PathLike | None = None,
+) -> list[dict]:
+    """Cases to predict: one CT (file or DICOM folder), or every CT in a folder of them.
+
+    A case is skipped when its outputs already exist in ``output_dir`` (re-running resumes).
+
+    Args:
+        input: a NIfTI / NRRD / MHA file, a DICOM series folder, or a folder of those.
+        record: the lung-function record of a single case.
+        records_csv: OSIC-style CSV with records by patient id (the file or folder name).
+        output_dir: where finished cases have a ``followup.nii.gz``.
+    """
+    path = Path(input)
+    if not path.exists():
+        raise FileNotFoundError(f"input not found: {path}")
+    single = path.is_file() or any(p.suffix.lower() == ".dcm" for p in path.iterdir() if p.is_file())
+    sources = [path] if single else sorted(p for p in path.iterdir() if not p.name.startswith("."))
+    if not sources:
+        raise FileNotFoundError(f"no CT in {path}")
+    table = read_lung_function(records_csv) if records_csv else {}
+    cases = []
+    for source in sources:
+        pid = _case_id(source)
+        if output_dir is not None and (Path(output_dir) / pid / "followup.nii.gz").is_file():
+            logger.info(f"{pid}: outputs exist, skipped")
+            continue
+        rec = record if single and record is not None else table.get(pid, {}).get("record")
+        cases.append({"image": str(source), "patient": pid, "record": rec})
+    return cases
+
+
+class FollowupOutputsd(MapTransform):
+    """From the model's output on its grid to outputs in the initial scan's space, in HU.
+
+    ``pred`` (1 channel: the generated follow-up in [0, 1]; 2 channels: mean and standard deviation
+    over samples) becomes ``pred`` (the whole follow-up CT: generated inside the lung region, the
+    initial scan elsewhere), ``change`` (generated minus initial, HU) and, for two channels,
+    ``uncertainty`` (standard deviation in HU, 0 outside the region). ``pred_grid`` keeps the
+    generated follow-up on the model grid for the figure and the classifier.
+
+    Args:
+        keys: key of the network output (``pred``).
+        source_key: key of the initial scan in HU on its own grid.
+        mask_key: key of the lung-region mask on the model grid.
+        window: HU window of the normalisation.
+    """
+
+    def __init__(self, keys: Sequence[Hashable] | Hashable = "pred", source_key: str = "image_hu", mask_key: str = "mask",
+                 window: Sequence[float] = HU_WINDOW) -> None:
+        super().__init__(keys)
+        self.source_key, self.mask_key, self.window = source_key, mask_key, tuple(window)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        key = self.first_key(d)
+        source = d[self.source_key]
+        source_affine, shape = np.asarray(source.affine), tuple(source.shape[1:])
+        initial = np.asarray(source[0], dtype=np.float32)
+        grid_affine = np.asarray(d[self.mask_key].affine)
+        region = resample(np.asarray(d[self.mask_key][0], dtype=np.float32), grid_affine, source_affine, shape, 1, 0.0) > 0.5
+        pred = torch.as_tensor(d[key]).detach().cpu().float().numpy()
+        generated = denormalize(resample(pred[0], grid_affine, source_affine, shape, 1, 0.0), self.window)
+        followup = np.where(region, generated, initial).astype(np.float32)
+        meta = {"filename_or_obj": source.meta.get("filename_or_obj", "")}
+        d["pred_grid"] = MetaTensor(pred[:1], affine=grid_affine)
+        d[key] = MetaTensor(followup[None], affine=source_affine, meta=meta)
+        d["change"] = MetaTensor((followup - initial)[None], affine=source_affine, meta=meta)
+        if pred.shape[0] > 1:
+            width = self.window[1] - self.window[0]
+            std = resample(pred[1], grid_affine, source_affine, shape, 1, 0.0) * width
+            d["uncertainty"] = MetaTensor(np.where(region, std, 0.0)[None].astype(np.float32), affine=source_affine, meta=meta)
+            d["uncertainty_grid"] = MetaTensor(pred[1:2], affine=grid_affine)
+        return d
+
+
+class ProgressionProbabilityd(MapTransform):
+    """Probability of IPF progression from the diagnostic classifier on the (initial, generated) pair.
+
+    Args:
+        classifier: the trained classifier (2 input channels, 2 classes), or ``None`` to skip.
+        image_key: key of the initial scan on the model grid.
+        pred_key: key of the generated follow-up on the model grid.
+        input_size: size the pair is resized to (the classifier's training size).
+    """
+
+    def __init__(self, classifier: torch.nn.Module | None, image_key: str = "image", pred_key: str = "pred_grid",
+                 input_size: Sequence[int] = (64, 64, 64)) -> None:
+        super().__init__([image_key, pred_key])
+        self.classifier, self.image_key, self.pred_key = classifier, image_key, pred_key
+        self.input_size = tuple(input_size)
+
+    @torch.inference_mode()
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        if self.classifier is None:
+            return d
+        device = next(self.classifier.parameters()).device
+        pair = torch.cat([torch.as_tensor(d[self.image_key]).float().cpu(), torch.as_tensor(d[self.pred_key]).float().cpu()])
+        pair = torch.nn.functional.interpolate(pair[None], size=self.input_size, mode="area").to(device)
+        self.classifier.eval()
+        d["progression_probability"] = float(torch.softmax(self.classifier(pair).float(), dim=1)[0, 1])
+        return d
+
+
+def load_classifier(network: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Module | None:
+    """The diagnostic classifier with its weights, or ``None`` (with a log line) when none was trained.
+
+    Args:
+        network: the classifier architecture.
+        path: weights file (``models/classifier.pt``).
+    """
+    from custom.checkpoints import load_network_weights
+
+    if not Path(path).is_file():
+        logger.warning(f"no classifier weights at {path}: the progression probability is not computed "
+                       "(train it with configs/train_classifier.json)")
+        return None
+    return load_network_weights(network, path)
+
+
+class InferenceWriter:
+    """Ignite handler writing each case's outputs atomically into ``<output_dir>/<patient>/``.
+
+    Files: ``followup.nii.gz`` (generated follow-up, HU, initial scan's space), ``change.nii.gz``,
+    ``uncertainty.nii.gz`` (when several samples were drawn), ``figure.png`` (Fig. 3-style) and
+    ``prediction.json`` (text used, progression probability, output paths).
+
+    Args:
+        output_dir: root folder of the outputs.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike) -> None:
+        self.output_dir = Path(output_dir)
+        self.written: list[dict] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        for item, out in zip(engine.state.batch, engine.state.output):
+            self.write_case({**item, **out})
+
+    def write_case(self, d: Mapping) -> dict:
+        pid = str(d.get("patient", "case"))
+        folder = self.output_dir / pid
+        files = {}
+        for key, name in (("change", "change.nii.gz"), ("uncertainty", "uncertainty.nii.gz"), ("pred", "followup.nii.gz")):
+            if key in d:
+                image = d[key]
+                files[key] = str(write_nifti(folder / name, np.asarray(image[0], dtype=np.float32), np.asarray(image.affine)))
+        uncertainty = np.asarray(d["uncertainty_grid"][0]) if "uncertainty_grid" in d else None
+        figure = save_comparison_figure(
+            folder / "figure.png", np.asarray(d["image"][0]), np.asarray(d["pred_grid"][0]), uncertainty=uncertainty,
+            mask=np.asarray(d["mask"][0]), title=f"{pid}: {d.get('text', '')}",
+        )
+        summary = {"patient": pid, "text": d.get("text"), "progression_probability": d.get("progression_probability"),
+                   "files": {**files, "figure": str(figure)}}
+        write_json(folder / "prediction.json", summary)
+        self.written.append(summary)
+        logger.info(f"{pid}: wrote {folder}")
+        return summary
