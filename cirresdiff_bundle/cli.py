@@ -2,6 +2,14 @@
 
     cirresdiff prepare --initial PATH --followup PATH --out DIR [--segmenter threshold|totalsegmentator]
     cirresdiff prepare --cohort DIR --out DIR
+    cirresdiff pretrain [--dataset DIR]
+    cirresdiff train [--dataset DIR] [--ablation DM|DM-CIP|DM-R|DM-R-CIP]
+    cirresdiff evaluate [--dataset DIR] [--ablation ...]
+    cirresdiff predict --input PATH [--record JSON | --records_csv CSV] [--out DIR] [--samples N]
+    cirresdiff demo
+    cirresdiff export --out FILE.zip
+
+Options not listed are config overrides: ``--max_epochs 5`` sets the config id ``max_epochs``.
 
 Bad input ends with a one-line message on stderr and a non-zero exit status, without a traceback.
 """
@@ -85,6 +93,86 @@ class Commands:
                               followup=str(Path(followup).resolve()), out_dir=str(Path(out).resolve()), **overrides)
         qc = workflow.parser.get_parsed_content("prepare_pair")
         print(json.dumps({"out": str(Path(out).resolve()), "qc": qc["qc"], "warnings": qc["warnings"]}, indent=2))
+
+    def pretrain(self, dataset: str | None = None, config: str = "pretrain_clip", **overrides) -> None:
+        """CLIP pre-training of the lung-function text encoder (configs/pretrain_clip.json).
+
+        Args:
+            dataset: prepared dataset folder (default data/prepared, generated on first use).
+            config: config name or path.
+            overrides: further config ids and values, e.g. --max_epochs 50.
+        """
+        run_config([config], **_dataset(dataset), **overrides)
+
+    def train(self, dataset: str | None = None, ablation: str = "DM-R-CIP", **overrides) -> None:
+        """Train the denoiser (configs/train.json plus the ablation's override files); resumes from runs/.
+
+        Args:
+            dataset: prepared dataset folder (default data/prepared, generated on first use).
+            ablation: DM, DM-CIP, DM-R or DM-R-CIP (the full model, default).
+            overrides: further config ids and values, e.g. --max_epochs 100.
+        """
+        run_config(["train", *_ablation(ablation)], **_dataset(dataset), **overrides)
+
+    def evaluate(self, dataset: str | None = None, ablation: str = "DM-R-CIP", **overrides) -> None:
+        """Generate follow-ups for the test split and write per-case metrics and the summary (configs/evaluate.json).
+
+        Args:
+            dataset: prepared dataset folder.
+            ablation: which trained model to evaluate (its override files are applied).
+            overrides: further config ids and values, e.g. --output_dir runs/eval.
+        """
+        run_config(["train", *_ablation(ablation), "evaluate"], **_dataset(dataset), method_name=ablation, **overrides)
+
+    def predict(self, input: str, record: str | None = None, records_csv: str | None = None, out: str | None = None,
+                samples: int = 1, **overrides) -> None:
+        """Predict the follow-up CT of one initial CT (file or DICOM folder) or of a folder of them.
+
+        Args:
+            input: initial CT: NIfTI / NRRD / MHA file, DICOM series folder, or a folder of those.
+            record: lung-function record as JSON, e.g. '{"FVC": 2400, "Percent": 65, "Age": 70, "Sex": "Male"}'.
+            records_csv: OSIC-style CSV of records by patient id (file or folder name).
+            out: output folder (default runs/inference).
+            samples: samples to draw; more than one also writes an uncertainty map.
+            overrides: further config ids and values of configs/inference.json.
+        """
+        from cirresdiff_bundle.api import predict_followup
+
+        parsed = json.loads(record) if isinstance(record, str) else record
+        results = predict_followup(input, record=parsed, records_csv=records_csv, output_dir=out, num_samples=samples,
+                                   **overrides)
+        print(json.dumps([r["summary"] for r in results], indent=2))
+
+    def demo(self) -> None:
+        """The main job end to end on the synthetic cohort (generate, prepare, pre-train, train, evaluate, infer)."""
+        from cirresdiff_bundle.demo import run_demo
+
+        run_demo()
+
+    def export(self, out: str) -> None:
+        """Write a model-zoo style archive of the bundle (configs, models, custom code, docs, LICENSE).
+
+        Args:
+            out: destination .zip file.
+        """
+        from cirresdiff_bundle.export import export_bundle
+
+        print(export_bundle(out))
+
+
+ABLATIONS = {"DM": ["ablations/ddpm", "ablations/no_text"], "DM-CIP": ["ablations/ddpm"],
+             "DM-R": ["ablations/no_text"], "DM-R-CIP": []}
+"""Override files of each ablation on top of configs/train.json (DM-R-CIP is the full model)."""
+
+
+def _ablation(name: str) -> list[str]:
+    if name not in ABLATIONS:
+        raise UsageError(f"unknown ablation {name!r}: choose one of {list(ABLATIONS)}")
+    return ABLATIONS[name]
+
+
+def _dataset(dataset: str | None) -> dict:
+    return {} if dataset is None else {"dataset_dir": str(Path(dataset).resolve())}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -38,14 +38,15 @@ def pair_cases(split: DatasetSplit, section: str, generated_dir: str | os.PathLi
         raise ValueError(f"unknown section {section!r}: use 'training' or 'testing'")
     pairs = []
     for case in cases:
-        if "progression" not in case:
-            raise KeyError(f"case {case['patient']} has no 'progression' label in the datalist")
+        label = case.get("followup_record", {}).get("Progression")
+        if label in (None, ""):
+            raise KeyError(f"case {case['patient']} has no followup_record.Progression label in the datalist")
         followup = case["target"]
         if generated_dir is not None:
             followup = str(Path(generated_dir) / case["patient"] / "image_followup.nii.gz")
             if not os.path.isfile(followup):
                 raise FileNotFoundError(f"no generated follow-up for {case['patient']}: {followup}")
-        pairs.append({"initial": case["image"], "followup": followup, "label": int(case["progression"]),
+        pairs.append({"initial": case["image"], "followup": followup, "label": int(label),
                       "patient": case["patient"]})
     return pairs
 

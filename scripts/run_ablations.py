@@ -21,15 +21,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cirresdiff_bundle.cli import ABLATIONS  # noqa: E402
 from cirresdiff_bundle.runner import run_config  # noqa: E402
 
-ABLATIONS = {
-    "DM": ["ablations/ddpm", "ablations/no_text"],
-    "DM-CIP": ["ablations/ddpm"],
-    "DM-R": ["ablations/no_text"],
-    "DM-R-CIP": [],
-}
-"""Override files of each ablation on top of configs/train.json (DM-R-CIP is the full model)."""
 
 METRICS = ("psnr_lung", "ssim_lung", "psnr_change", "ssim_change")
 

@@ -1,0 +1,82 @@
+"""One-line Python use: ``predict_followup(initial_ct, record)``.
+
+It runs the bundle's own ``configs/inference.json`` through ``monai.bundle.ConfigWorkflow`` (the
+same pipeline as ``python -m monai.bundle run --config_file configs/inference.json``) and returns
+the outputs as arrays as well as files.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from cirresdiff_bundle.runner import BUNDLE_ROOT, run_config
+
+
+def _load(path: str | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    if path is None:
+        return None, None
+    image = nib.load(path)
+    return np.asarray(image.dataobj, dtype=np.float32), image.affine
+
+
+def predict_followup(
+    initial: str | os.PathLike | np.ndarray,
+    record: Mapping | None = None,
+    affine: np.ndarray | None = None,
+    records_csv: str | os.PathLike | None = None,
+    output_dir: str | os.PathLike | None = None,
+    num_samples: int = 1,
+    bundle_root: str | os.PathLike = BUNDLE_ROOT,
+    **overrides,
+) -> list[dict]:
+    """Generate the follow-up CT about one year after ``initial`` and the progression probability.
+
+    Args:
+        initial: initial CT: NIfTI / NRRD / MHA path, DICOM series folder, a folder of those, or
+            an (x, y, z) array in HU with ``affine``.
+        record: lung-function record (``FVC``, ``Percent``, ``Age``, ``Sex``, ``SmokingStatus``,
+            optional ``DLCO``, ``PEF``); ``None`` writes every field as not measured.
+        affine: voxel-to-RAS affine when ``initial`` is an array.
+        records_csv: OSIC-style CSV of records by patient id, for a folder of CTs.
+        output_dir: where NIfTI and PNG outputs are written; ``None`` keeps only the arrays.
+        num_samples: samples to draw; more than one also returns the voxel-wise standard deviation.
+        bundle_root: the bundle folder whose configs and models are used.
+        overrides: further config ids of ``configs/inference.json`` and their values.
+
+    Returns:
+        One dict per case: ``patient``, ``followup`` (HU array, initial scan's space), ``affine``,
+        ``change`` (HU), ``uncertainty`` (HU or ``None``), ``progression_probability`` (or
+        ``None`` without a trained classifier), ``text`` and ``summary`` (paths when written).
+    """
+    with tempfile.TemporaryDirectory(prefix="cirresdiff_") as tmp:
+        if isinstance(initial, np.ndarray):
+            if affine is None:
+                raise ValueError("an array input needs its voxel-to-RAS affine")
+            source = Path(tmp) / "input" / "case.nii.gz"
+            source.parent.mkdir()
+            nib.save(nib.Nifti1Image(np.asarray(initial, dtype=np.float32), affine), str(source))
+            initial = source
+        out = Path(output_dir) if output_dir is not None else Path(tmp) / "outputs"
+        workflow = run_config(
+            ["inference"], run_id="run", bundle_root=bundle_root, input=str(Path(initial).resolve()),
+            record=dict(record) if record is not None else None,
+            records_csv=str(records_csv) if records_csv is not None else None, output_dir=str(out.resolve()),
+            num_samples=num_samples, **overrides,
+        )
+        results = []
+        for summary in workflow.parser.get_parsed_content("writer").written:
+            files = summary["files"]
+            followup, out_affine = _load(files["pred"])
+            results.append({
+                "patient": summary["patient"], "followup": followup, "affine": out_affine,
+                "change": _load(files["change"])[0], "uncertainty": _load(files.get("uncertainty"))[0],
+                "progression_probability": summary["progression_probability"], "text": summary["text"],
+                "summary": summary if output_dir is not None else {k: v for k, v in summary.items() if k != "files"},
+            })
+        return results

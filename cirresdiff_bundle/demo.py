@@ -1,0 +1,135 @@
+"""The main job end to end on the synthetic cohort, with settings small enough for a laptop CPU.
+
+Generate the cohort, pre-register it, pre-train the CLIP text encoder, train the full model
+(DM-R-CIP), evaluate it on the test split against the identity baseline, train the diagnostic
+classifier, predict one patient's follow-up from the raw initial CT and draw the figures. Every
+step runs the bundle's own config with the overrides in ``DEMO_SETTINGS``; the equivalent
+``python -m monai.bundle`` commands are printed as they run. The demo writes under ``data/`` and
+``runs/demo/``; it never touches the shipped weights in ``models/``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from cirresdiff_bundle.runner import BUNDLE_ROOT, run_config
+
+MODEL_SETTINGS = {
+    "roi_size": [48, 48, 48],
+    "network_channels": [16, 32, 64],
+    "attention_levels": [False, True, True],
+    "sw_batch_size": 4,
+    "sw_overlap": 0.25,
+}
+"""Denoiser size and sliding windows used by training, evaluation and inference of the demo."""
+
+DEMO_SETTINGS = {
+    "cohort": {"n_patients": 24, "seed": 0},
+    "prepare": {"grid": [96, 96, 96]},
+    "pretrain_clip": {"max_epochs": 40, "image_size": [32, 32, 32], "batch_size": 8},
+    "train": {**MODEL_SETTINGS, "max_epochs": 60, "val_interval": 60, "num_val_cases": 1, "patches_per_case": 2,
+              "batch_size": 4, "learning_rate": 0.001, "num_workers": 0},
+    "train_classifier": {"max_epochs": 30, "input_size": [48, 48, 48]},
+    "inference": {**MODEL_SETTINGS, "classifier_size": [48, 48, 48]},
+}
+"""Per-workflow overrides of the demo (config ids and values)."""
+
+
+def _step(name: str, configs: list[str], run_id: str = "run", **overrides) -> float:
+    shown = " ".join(f"--{k} '{json.dumps(v)}'" for k, v in overrides.items())
+    paths = [f"configs/{c}.json" for c in configs]
+    files = paths[0] if len(paths) == 1 else "\"[" + ",".join(f"'{p}'" for p in paths) + "]\""
+    print(f"\n=== {name}\n    python -m monai.bundle run {run_id} --config_file {files} {shown}", flush=True)
+    start = time.perf_counter()
+    run_config(configs, run_id=run_id, **overrides)
+    return time.perf_counter() - start
+
+
+def run_demo(root: str | Path = BUNDLE_ROOT) -> dict:
+    """Run the whole demo; returns where each output went and the wall time of each step.
+
+    Args:
+        root: bundle folder; data go to ``<root>/data`` and results to ``<root>/runs/demo``.
+    """
+    from custom.synthetic import generate_cohort, summarize_cohort
+
+    root = Path(root)
+    cohort, prepared = root / "data" / "cohort", root / "data" / "prepared"
+    runs = root / "runs" / "demo"
+    models = runs / "models"
+    times: dict[str, float] = {}
+    start = time.perf_counter()
+
+    print("=== synthetic cohort", flush=True)
+    if not (cohort / "datalist.json").is_file():
+        generate_cohort(cohort, **DEMO_SETTINGS["cohort"])
+    times["cohort"] = time.perf_counter() - start
+    print(json.dumps(summarize_cohort(cohort), indent=2, ensure_ascii=False))
+
+    common = {"dataset_dir": str(prepared), "cohort_dir": str(cohort), "ckpt_dir": str(models)}
+    times["prepare"] = _step("pre-registration", ["prepare"], cohort_dir=str(cohort), prepared_dir=str(prepared),
+                             **DEMO_SETTINGS["prepare"])
+    times["pretrain_clip"] = _step("CLIP pre-training", ["pretrain_clip"], output_dir=str(runs / "pretrain_clip"),
+                                   **common, **DEMO_SETTINGS["pretrain_clip"])
+    train = {**common, "output_dir": str(runs / "train"), "model_path": str(models / "model.pt"), **DEMO_SETTINGS["train"]}
+    times["train"] = _step("training DM-R-CIP", ["train"], **train)
+    evaluation = runs / "evaluate"
+    times["evaluate"] = _step("evaluation on the test split", ["train", "evaluate"],
+                              **{**train, "output_dir": str(evaluation)})
+    classifier = {**common, "output_dir": str(runs / "classifier"), "classifier_path": str(models / "classifier.pt"),
+                  **DEMO_SETTINGS["train_classifier"]}
+    times["classifier"] = _step("diagnostic classifier (real pairs)", ["train_classifier"], **classifier)
+    _step("diagnostic classifier on generated follow-ups", ["train_classifier"], run_id="evaluating", **classifier,
+          generated_dir=str(evaluation / "predictions"), report_name="DM-R-CIP")
+
+    datalist = json.loads((prepared / "datalist.json").read_text())
+    case = datalist["testing"][0]
+    times["inference"] = _step(
+        "inference from the raw initial CT", ["inference"], input=str(cohort / case["patient"] / "initial.nii.gz"),
+        record=case["record"], ckpt_dir=str(models), output_dir=str(runs / "inference"), **DEMO_SETTINGS["inference"],
+    )
+    figure = fig3_from_evaluation(prepared, evaluation, case["patient"], runs / "fig3.png")
+    times["total"] = time.perf_counter() - start
+    outputs = {
+        "cohort": str(cohort), "prepared": str(prepared), "text_encoder": str(models / "text_encoder"),
+        "model": str(models / "model.pt"), "evaluation_csv": str(evaluation / "metrics.csv"),
+        "evaluation_summary": str(evaluation / "summary.md"), "classifier_reports": str(runs / "classifier"),
+        "inference": str(runs / "inference" / case["patient"]), "figure": str(figure),
+        "registration_qc": str(prepared / case["patient"] / "qc.png"),
+    }
+    print("\n" + (evaluation / "summary.md").read_text())
+    for name in ("real", "DM-R-CIP"):
+        report = json.loads((runs / "classifier" / f"{name}.json").read_text())
+        print(f"progression classifier on {name} test pairs: accuracy {report['accuracy']:.2f}, ROC AUC {report['roc_auc']}")
+    print("\nOutputs:")
+    for name, path in outputs.items():
+        print(f"  {name:20s} {path}")
+    print("\nWall time per step (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
+    (runs / "demo_summary.json").write_text(json.dumps({"outputs": outputs, "seconds": times}, indent=2))
+    return {"outputs": outputs, "seconds": times}
+
+
+def fig3_from_evaluation(prepared: Path, evaluation: Path, patient: str, path: Path) -> Path:
+    """The Fig. 3-style comparison of one test case: initial, generated and real follow-up, changes.
+
+    Args:
+        prepared: prepared dataset folder.
+        evaluation: evaluation output folder (its ``predictions`` hold the generated follow-ups).
+        patient: the case to show.
+        path: destination PNG.
+    """
+    from custom.figures import save_comparison_figure
+
+    def load(p: Path) -> np.ndarray:
+        return np.asarray(nib.load(str(p)).dataobj, dtype=np.float32)
+
+    return save_comparison_figure(
+        path, load(prepared / patient / "image.nii.gz"), load(evaluation / "predictions" / patient / "image_followup.nii.gz"),
+        real_followup=load(prepared / patient / "target.nii.gz"), mask=load(prepared / patient / "mask.nii.gz"),
+        title=f"{patient}: initial, generated (DM-R-CIP) and real follow-up",
+    )

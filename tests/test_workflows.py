@@ -1,0 +1,167 @@
+"""The bundle's configs run on CPU with tiny overrides: training and resume, multi-process DDP with
+gloo, every ablation, evaluation, the classifier, and inference."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from cirresdiff_bundle.runner import run_config
+
+GRID = 32
+TINY_MODEL = {"roi_size": [32, 32, 32], "network_channels": [8, 16, 16], "attention_levels": [False, True, True],
+              "num_head_channels": 8, "sw_batch_size": 1}
+
+
+def _record(i: int) -> dict:
+    return {"FVC": 2000 + 150 * i, "Percent": 55.0 + 4 * i, "Age": 60 + i, "Sex": "Male" if i % 2 else "Female",
+            "SmokingStatus": "Ex-smoker"}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A small prepared dataset (32^3 grid) whose follow-ups change with the lung function, and a text encoder."""
+    from custom.clip import TextEncoder
+
+    root = tmp_path_factory.mktemp("prepared")
+    rng = np.random.default_rng(0)
+    affine = np.eye(4)
+    entries = {"training": [], "testing": []}
+    for i in range(8):
+        pid = f"P{i}"
+        (root / pid).mkdir()
+        mask = np.zeros((GRID,) * 3, dtype=np.uint8)
+        mask[4:28, 4:28, 4:28] = 1
+        image = (0.15 + 0.05 * rng.random((GRID,) * 3)).astype(np.float32) * mask
+        target = image.copy()
+        progression = i % 2
+        if progression:
+            target[8:16, 8:16, 6:12] += 0.4
+        for name, array in (("image", image), ("target", target), ("mask", mask)):
+            nib.save(nib.Nifti1Image(array, affine), str(root / pid / f"{name}.nii.gz"))
+        entry = {"patient": pid, "image": f"{pid}/image.nii.gz", "target": f"{pid}/target.nii.gz",
+                 "mask": f"{pid}/mask.nii.gz", "record": _record(i),
+                 "followup_record": {"Progression": progression, "FollowupFVC": 2000}}
+        if i < 6:
+            entries["training"].append({**entry, "fold": i % 5})
+        else:
+            entries["testing"].append(entry)
+    (root / "datalist.json").write_text(json.dumps(entries))
+    models = root / "models"
+    torch.manual_seed(0)
+    TextEncoder(num_layers=1).save(models / "text_encoder")
+    return root
+
+
+def _train_overrides(prepared, out, **extra):
+    return {"dataset_dir": str(prepared), "ckpt_dir": str(prepared / "models"), "output_dir": str(out),
+            "model_path": str(out / "model.pt"), "max_epochs": 1, "val_interval": 1, "num_val_cases": 1,
+            "patches_per_case": 1, "batch_size": 2, "num_workers": 0, **TINY_MODEL, **extra}
+
+
+def test_training_writes_checkpoints_and_resumes(prepared, tmp_path):
+    out = tmp_path / "train"
+    workflow = run_config(["train"], **_train_overrides(prepared, out))
+    first = workflow.parser.get_parsed_content("train#trainer").state
+    assert (out / "last.pt").is_file() and (out / "model.pt").is_file()
+    assert first.epoch == 1 and first.iteration == 2  # 4 training cases (fold 0 validates), batch 2
+    saved = torch.load(out / "last.pt", weights_only=True)
+    assert saved["trainer"]["iteration"] == 2
+    workflow = run_config(["train"], **_train_overrides(prepared, out, max_epochs=2))
+    state = workflow.parser.get_parsed_content("train#trainer").state
+    assert state.epoch == 2 and state.iteration == 4  # continued from epoch 1, not restarted
+    assert torch.load(out / "last.pt", weights_only=True)["trainer"]["iteration"] == 4
+
+
+@pytest.mark.parametrize("ablation", [["ablations/ddpm", "ablations/no_text"], ["ablations/ddpm"], ["ablations/no_text"]])
+def test_every_ablation_trains_and_evaluates(prepared, tmp_path, ablation):
+    out = tmp_path / "run"
+    overrides = _train_overrides(prepared, out, val_interval=5, num_sampling_steps=2)
+    run_config(["train", *ablation], **overrides)
+    assert (out / "last.pt").is_file()
+    torch.save(torch.load(out / "last.pt", weights_only=True)["network"], out / "model.pt")
+    run_config(["train", *ablation, "evaluate"], **{**overrides, "output_dir": str(out / "eval")})
+    rows = list(csv.DictReader(open(out / "eval" / "metrics.csv")))
+    assert [r["patient"] for r in rows] == ["P6", "P7"]
+    assert all(np.isfinite(float(r["model_psnr_lung"])) for r in rows)
+
+
+def test_evaluation_writes_per_case_csv_summary_and_predictions(prepared, tmp_path):
+    out = tmp_path / "train"
+    overrides = _train_overrides(prepared, out)
+    run_config(["train"], **overrides)
+    run_config(["train", "evaluate"], **{**overrides, "output_dir": str(tmp_path / "eval")})
+    rows = list(csv.DictReader(open(tmp_path / "eval" / "metrics.csv")))
+    assert len(rows) == 2 and {"model_psnr_lung", "identity_psnr_lung", "model_ssim_change"} <= set(rows[0])
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["cases"] == 2 and summary["identity"]["psnr_lung"]["n"] == 2
+    pred = nib.load(str(tmp_path / "eval" / "predictions" / "P6" / "image_followup.nii.gz"))
+    assert pred.shape[-3:] == (GRID,) * 3
+
+
+def test_classifier_trains_on_real_pairs_and_reports(prepared, tmp_path):
+    overrides = {"dataset_dir": str(prepared), "ckpt_dir": str(tmp_path), "output_dir": str(tmp_path / "cls"),
+                 "max_epochs": 1, "input_size": [16, 16, 16], "batch_size": 2}
+    run_config(["train_classifier"], **overrides)
+    report = json.loads((tmp_path / "cls" / "real.json").read_text())
+    assert report["cases"] == 2 and 0.0 <= report["accuracy"] <= 1.0 and report["roc_auc"] is not None
+    assert (tmp_path / "classifier.pt").is_file()
+
+
+@pytest.fixture(scope="module")
+def raw_case(tmp_path_factory):
+    from custom.synthetic import generate_cohort
+
+    cohort = tmp_path_factory.mktemp("cohort")
+    generate_cohort(cohort, n_patients=1, seed=2)
+    return cohort / "SYN0000" / "initial.nii.gz"
+
+
+def test_inference_writes_followup_change_uncertainty_and_figure(prepared, raw_case, tmp_path):
+    out = tmp_path / "train"
+    run_config(["train"], **_train_overrides(prepared, out))
+    inference = {"input": str(raw_case), "record": _record(3), "ckpt_dir": str(prepared / "models"),
+                 "model_path": str(out / "model.pt"), "output_dir": str(tmp_path / "inf"), "grid": [GRID] * 3,
+                 "num_samples": 2, **TINY_MODEL}
+    run_config(["inference"], **inference)
+    folder = tmp_path / "inf" / "SYN0000"
+    followup = nib.load(str(folder / "followup.nii.gz"))
+    initial = nib.load(str(raw_case))
+    assert followup.shape == initial.shape and np.allclose(followup.affine, initial.affine)
+    change = np.asarray(nib.load(str(folder / "change.nii.gz")).dataobj)
+    assert np.allclose(change, np.asarray(followup.dataobj) - np.asarray(initial.dataobj), atol=1e-3)
+    assert np.asarray(nib.load(str(folder / "uncertainty.nii.gz")).dataobj).max() > 0
+    assert (folder / "figure.png").stat().st_size > 10_000
+    summary = json.loads((folder / "prediction.json").read_text())
+    assert "forced vital capacity 2450 ml" in summary["text"]
+    # Re-running skips the finished case instead of overwriting it.
+    stamp = (folder / "followup.nii.gz").stat().st_mtime_ns
+    run_config(["inference"], **inference)
+    assert (folder / "followup.nii.gz").stat().st_mtime_ns == stamp
+
+
+def test_multi_gpu_config_runs_with_two_gloo_processes(prepared, tmp_path):
+    out = tmp_path / "ddp"
+    overrides = _train_overrides(prepared, out, val_interval=5)
+    args = []
+    for key, value in overrides.items():
+        args += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m",
+           "monai.bundle", "run", "training", "--config_file", "['configs/train.json','configs/multi_gpu_train.json']",
+           *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(__file__)), capture_output=True, text=True,
+                            timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = torch.load(out / "last.pt", weights_only=True)
+    # 4 training cases split over 2 ranks, batch 2: 1 iteration per rank.
+    assert state["trainer"] == {"epoch": 1, "iteration": 1}
+    assert not any(k.startswith("module.") for k in state["network"])
