@@ -94,7 +94,7 @@ class _WindowNetwork:
 
     The sliding window passes ``sw_batch_size`` windows at a time; this broadcasts the step's
     timestep and the case's context (1, L, D) to that window batch, runs the network (under
-    autocast when asked) and returns float32-or-input-dtype outputs, so the blending and the
+    autocast when asked) and returns its output in the windows' dtype, so the blending and the
     scheduler update stay in full precision.
     """
 
