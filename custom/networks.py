@@ -97,6 +97,10 @@ class AttentionDiffusionUNet(nn.Module):
         bottleneck_attention: self-attention over the voxels of the coarsest level (global
             context across the lungs at 1/8 resolution, cheap there: 12^3 tokens for a 96^3 patch).
         use_checkpointing: recompute each level's activations in the backward pass to save memory.
+        residual_output: add the conditioning image (input channel 1, y0) to the output, so the
+            network predicts x0 as y0 plus a learned change. It still predicts x0 (CIResDiff's
+            f(x_t, y0, t)); the skip only spares it from learning to copy y0's texture. Use it for
+            x0 prediction (residual shift), not for noise prediction (DDPM baseline).
     """
 
     def __init__(
@@ -113,6 +117,7 @@ class AttentionDiffusionUNet(nn.Module):
         context_dim: int = 256,
         fusion_mode: str = "standard",
         bottleneck_attention: bool = True,
+        residual_output: bool = False,
         use_checkpointing: bool = False,
     ) -> None:
         super().__init__()
@@ -124,6 +129,7 @@ class AttentionDiffusionUNet(nn.Module):
             raise ValueError(f"norm_num_groups ({norm_num_groups}) must divide every channel count {tuple(channels)}.")
         self.channels = tuple(channels)
         self.use_checkpointing = use_checkpointing
+        self.residual_output = residual_output
         temb = channels[0] * 4
         self.time_embed = nn.Sequential(nn.Linear(channels[0], temb), nn.SiLU(), nn.Linear(temb, temb))
         self.stem = nn.Conv3d(in_channels, channels[0], kernel_size=3, padding=1)
@@ -162,6 +168,10 @@ class AttentionDiffusionUNet(nn.Module):
         self.out = nn.Sequential(
             nn.GroupNorm(norm_num_groups, channels[0]), nn.SiLU(), nn.Conv3d(channels[0], out_channels, 3, padding=1)
         )
+        if residual_output:
+            # Start from the identity prediction x0 = y0, which training then has to beat.
+            nn.init.zeros_(self.out[-1].weight)
+            nn.init.zeros_(self.out[-1].bias)
 
     def _run(self, module: nn.Module, *args: torch.Tensor | None) -> torch.Tensor:
         if self.use_checkpointing and self.training:
@@ -188,4 +198,5 @@ class AttentionDiffusionUNet(nn.Module):
             skip = skips.pop()
             h = upsample(F.interpolate(h, size=skip.shape[2:], mode="nearest"))
             h = self._run(level, torch.cat([gate(skip, h), h], dim=1), emb, context)
-        return self.out(h)
+        out = self.out(h)
+        return out + x[:, 1:2] if self.residual_output else out

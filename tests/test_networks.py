@@ -110,3 +110,13 @@ def test_invalid_configurations_are_refused():
         _tiny(norm_num_groups=3)
     with pytest.raises(ValueError, match="3D"):
         _tiny(spatial_dims=2)
+
+
+def test_residual_output_starts_as_the_identity_and_learns():
+    net = AttentionDiffusionUNet(channels=(8, 16, 16), attention_levels=(False, True, True), num_head_channels=8,
+                                 context_dim=12, residual_output=True)
+    x = torch.rand(2, 2, 16, 16, 16)
+    out = net(x, torch.tensor([1, 2]), torch.randn(2, 3, 12))
+    assert torch.equal(out, x[:, 1:2])
+    out.sum().backward()
+    assert net.out[-1].weight.grad.abs().sum() > 0
