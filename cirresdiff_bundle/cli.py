@@ -7,7 +7,7 @@
     cirresdiff evaluate [--dataset DIR] [--ablation ...]
     cirresdiff predict --input PATH [--record JSON | --records_csv CSV] [--out DIR] [--samples N]
     cirresdiff demo
-    cirresdiff export --out FILE.zip
+    cirresdiff export --out FILE.zip [--program FILE.pt2]
 
 Options not listed are config overrides: ``--max_epochs 5`` sets the config id ``max_epochs``.
 
@@ -149,15 +149,18 @@ class Commands:
 
         run_demo()
 
-    def export(self, out: str) -> None:
+    def export(self, out: str, program: str | None = None) -> None:
         """Write a model-zoo style archive of the bundle (configs, models, custom code, docs, LICENSE).
 
         Args:
             out: destination .zip file.
+            program: also write the denoiser as a torch.export program (.pt2) to this path.
         """
-        from cirresdiff_bundle.export import export_bundle
+        from cirresdiff_bundle.export import export_bundle, export_program
 
         print(export_bundle(out))
+        if program is not None:
+            print(export_program(program))
 
 
 ABLATIONS = {"DM": ["ablations/ddpm", "ablations/no_text"], "DM-CIP": ["ablations/ddpm"],

@@ -55,3 +55,42 @@ def export_bundle(out: str | os.PathLike, root: str | os.PathLike = BUNDLE_ROOT,
         Path(tmp).unlink(missing_ok=True)
         raise
     return out
+
+
+def export_program(out: str | os.PathLike, root: str | os.PathLike = BUNDLE_ROOT, context_length: int = 64) -> Path:
+    """Export the denoiser with ``torch.export`` (a ``.pt2`` file loadable without this repository).
+
+    ``python -m monai.bundle ckpt_export`` cannot produce TorchScript for this network: MONAI's own
+    ``SpatialAttentionBlock`` (bottleneck self-attention) reshapes with ``*shape[:2]``, which
+    ``torch.jit.script`` cannot type. ``torch.export`` traces the same forward pass instead, for one
+    window of ``sw_roi_size`` (sliding-window inference only ever calls the network on such windows).
+    Load it with ``torch.export.load(path).module()(x, timesteps, context)``.
+
+    Args:
+        out: destination ``.pt2`` file.
+        root: the bundle folder (``configs/inference.json`` and ``models/model.pt``).
+        context_length: number of text tokens L of the context (the text encoder's padding length).
+    """
+    import torch
+    from monai.bundle import ConfigParser
+
+    root, out = Path(root), Path(out)
+    parser = ConfigParser()
+    parser.read_config(str(root / "configs" / "inference.json"))
+    parser["bundle_root"] = str(root)
+    network = parser.get_parsed_content("network_def")
+    network.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True))
+    network.eval()
+    window = [int(s) for s in parser["sw_roi_size"]]
+    example = (torch.rand(1, 2, *window), torch.tensor([7]), torch.zeros(1, context_length, parser["context_dim"]))
+    program = torch.export.export(network, example)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".pt2", dir=out.parent)
+    os.close(fd)
+    try:
+        torch.export.save(program, tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,10 @@ from monai.bundle import ConfigWorkflow
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 """The bundle folder this package was installed from (the repository root)."""
+
+if str(BUNDLE_ROOT) not in sys.path:
+    # The bundle's components live in <bundle>/custom, found on the path as MONAI bundles are.
+    sys.path.insert(0, str(BUNDLE_ROOT))
 
 
 def config_paths(names: Sequence[str], bundle_root: str | os.PathLike = BUNDLE_ROOT) -> list[str]:

@@ -50,7 +50,7 @@ class StandardCrossAttention(nn.Module):
         q, k, v = self._heads(self.to_q(h)), self._heads(self.to_k(ctx)), self._heads(self.to_v(ctx))
         att = F.scaled_dot_product_attention(q, k, v)
         att = att.transpose(1, 2).reshape(b, -1, c)
-        return x + self.out(att).transpose(1, 2).reshape(b, c, *spatial)
+        return x + self.out(att).transpose(1, 2).reshape(x.shape)
 
 
 FUSION_MODES = {"standard": StandardCrossAttention}
