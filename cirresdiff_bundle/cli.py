@@ -184,6 +184,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     Args:
         argv: command-line arguments (default ``sys.argv[1:]``).
     """
+    # Summaries print "±"; a terminal with an ASCII locale should show "?" rather than crash.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     try:
         fire.Fire(Commands, command=list(argv) if argv is not None else None, name="cirresdiff")
     except USER_ERRORS as error:

@@ -79,7 +79,7 @@ def run_demo(root: str | Path = BUNDLE_ROOT) -> dict:
     _step("diagnostic classifier on generated follow-ups", ["train_classifier"], run_id="evaluating", **classifier,
           generated_dir=str(evaluation / "predictions"), report_name="DM-R-CIP")
 
-    datalist = json.loads((prepared / "datalist.json").read_text())
+    datalist = json.loads((prepared / "datalist.json").read_text(encoding="utf-8"))
     case = datalist["testing"][0]
     times["inference"] = _step(
         "inference from the raw initial CT", ["inference"], input=str(cohort / case["patient"] / "initial.nii.gz"),
@@ -94,15 +94,15 @@ def run_demo(root: str | Path = BUNDLE_ROOT) -> dict:
         "inference": str(runs / "inference" / case["patient"]), "figure": str(figure),
         "registration_qc": str(prepared / case["patient"] / "qc.png"),
     }
-    print("\n" + (evaluation / "summary.md").read_text())
+    print("\n" + (evaluation / "summary.md").read_text(encoding="utf-8"))
     for name in ("real", "DM-R-CIP"):
-        report = json.loads((runs / "classifier" / f"{name}.json").read_text())
+        report = json.loads((runs / "classifier" / f"{name}.json").read_text(encoding="utf-8"))
         print(f"progression classifier on {name} test pairs: accuracy {report['accuracy']:.2f}, ROC AUC {report['roc_auc']}")
     print("\nOutputs:")
     for name, path in outputs.items():
         print(f"  {name:20s} {path}")
     print("\nWall time per step (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
-    (runs / "demo_summary.json").write_text(json.dumps({"outputs": outputs, "seconds": times}, indent=2))
+    (runs / "demo_summary.json").write_text(json.dumps({"outputs": outputs, "seconds": times}, indent=2), encoding="utf-8")
     return {"outputs": outputs, "seconds": times}
 
 

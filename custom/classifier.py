@@ -89,6 +89,6 @@ class ProgressionReport:
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(report, indent=2))
+        tmp.write_text(json.dumps(report, indent=2), encoding="utf-8")
         os.replace(tmp, self.path)
         return report

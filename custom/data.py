@@ -27,7 +27,7 @@ def read_datalist(datalist: str | os.PathLike) -> dict[str, list[dict]]:
     if not path.is_file():
         raise FileNotFoundError(f"datalist not found: {path}")
     try:
-        content = json.loads(path.read_text())
+        content = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"datalist {path} is not valid JSON: {e}") from e
     for section in ("training", "testing"):

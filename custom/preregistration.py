@@ -532,7 +532,7 @@ def read_lung_function(csv_path: str | os.PathLike) -> dict[str, dict[str, dict]
     path = Path(csv_path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: lung-function table not found")
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     missing = [c for c in ("Patient", *RECORD_KEYS) if rows and c not in rows[0]]
     if not rows or missing:
@@ -581,7 +581,7 @@ def prepare_cohort(cohort_dir: str | os.PathLike, prepared_dir: str | os.PathLik
     datalist_path = cohort / "datalist.json"
     if not datalist_path.is_file():
         raise FileNotFoundError(f"{datalist_path}: cohort datalist not found")
-    cohort_list = json.loads(datalist_path.read_text())
+    cohort_list = json.loads(datalist_path.read_text(encoding="utf-8"))
     tables = read_lung_function(cohort / "lung_function.csv")
     preparer = preparer if preparer is not None else PairPreparer()
     out.mkdir(parents=True, exist_ok=True)
@@ -597,7 +597,7 @@ def prepare_cohort(cohort_dir: str | os.PathLike, prepared_dir: str | os.PathLik
             if patient not in tables:
                 raise ValueError(f"no row for patient {patient} in {cohort / 'lung_function.csv'}")
             if case_complete(folder):
-                qc = json.loads((folder / "qc.json").read_text())
+                qc = json.loads((folder / "qc.json").read_text(encoding="utf-8"))
                 summary["skipped"].append(patient)
             else:
                 if folder.exists():

@@ -211,7 +211,7 @@ def disable_usage_stats() -> Path:
     """
     home = Path(os.environ.get("TOTALSEG_HOME_DIR", Path.home() / ".totalsegmentator"))
     path = home / "config.json"
-    config = json.loads(path.read_text()) if path.is_file() else {"totalseg_id": "cirresdiff", "prediction_counter": 0}
+    config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"totalseg_id": "cirresdiff", "prediction_counter": 0}
     if config.get("send_usage_stats") is not False:
         config["send_usage_stats"] = False
         write_json(path, config)

@@ -612,9 +612,9 @@ def summarize_cohort(cohort_dir: str | os.PathLike) -> dict:
         cohort_dir: cohort folder.
     """
     cohort = Path(cohort_dir)
-    with open(cohort / "lung_function.csv") as f:
+    with open(cohort / "lung_function.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    stats = json.loads((cohort / "image_stats.json").read_text())
+    stats = json.loads((cohort / "image_stats.json").read_text(encoding="utf-8"))
 
     def mean_sd(values: list[float]) -> str:
         v = np.asarray(values, dtype=float)
@@ -628,7 +628,7 @@ def summarize_cohort(cohort_dir: str | os.PathLike) -> dict:
 
     decline = [100 * (float(r["FVC"]) - float(r["FollowupFVC"])) / float(r["FVC"]) for r in rows]
     spacings = np.array([s["spacing"] for s in stats.values()])
-    datalist = json.loads((cohort / "datalist.json").read_text())
+    datalist = json.loads((cohort / "datalist.json").read_text(encoding="utf-8"))
     return {
         "patients": len(rows),
         "progressors": len(prog),

@@ -182,7 +182,7 @@ def read_lung_function(csv_path: str | os.PathLike) -> dict[str, dict]:
     """
     future = {"FollowupWeeks", "FollowupFVC", "FollowupPercent", "Progression"}
     out = {}
-    with open(csv_path, newline="") as f:
+    with open(csv_path, newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
             pid = row.pop("Patient")
             follow = {k: row.pop(k) for k in list(row) if k in future}

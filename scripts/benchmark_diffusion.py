@@ -51,7 +51,7 @@ def machine_name(device: torch.device) -> str:
     model = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text(encoding="utf-8").splitlines() if line.startswith("model name")]
         model = names[0] if names else model
     return f"CPU {model} ({len(os.sched_getaffinity(0))} cores, shared), {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
@@ -327,7 +327,7 @@ def update_benchmarks(path: Path, subsections: dict[str, str], placeholders: dic
         subsections: title -> new content.
         placeholders: title -> content written only where that subsection does not exist yet.
     """
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
     lines = text.rstrip("\n").split("\n")
     if SECTION not in lines:
         lines += ["", SECTION, ""]
@@ -351,7 +351,7 @@ def update_benchmarks(path: Path, subsections: dict[str, str], placeholders: dic
             order.append(heading)
         parts[heading] = ["", content, ""]
     new_body = intro + [line for heading in order for line in [heading, *parts[heading]]]
-    path.write_text("\n".join(lines[:start + 1] + new_body + lines[end:]).rstrip("\n") + "\n")
+    path.write_text("\n".join(lines[:start + 1] + new_body + lines[end:]).rstrip("\n") + "\n", encoding="utf-8")
 
 
 def main() -> None:

@@ -53,7 +53,7 @@ def registration_error(folder: Path, qc: dict) -> dict[str, float]:
     """Mean displacement error (mm) of each initial lung's voxels, ground truth vs estimate."""
     affine = nib.load(folder / "initial.nii.gz").affine
     truth_labels = labels_of(folder / "initial_lungs.nii.gz")
-    truth = json.loads((folder / "transforms.json").read_text())
+    truth = json.loads((folder / "transforms.json").read_text(encoding="utf-8"))
     errors = {}
     for name, lab in LUNG_LABELS.items():
         points = np.stack(np.nonzero(truth_labels == lab), 1) @ affine[:3, :3].T + affine[:3, 3]
@@ -157,7 +157,7 @@ def main() -> None:
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:
-        args.out.write_text(text + "\n")
+        args.out.write_text(text + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -45,13 +45,13 @@ def run_one(name: str, fold: int, out: Path, overrides: dict) -> dict:
     run_dir = out / name / f"fold{fold}"
     summary_path = run_dir / "evaluate" / "summary.json"
     if summary_path.is_file():
-        return json.loads(summary_path.read_text())
+        return json.loads(summary_path.read_text(encoding="utf-8"))
     paths = {"output_dir": str(run_dir / "train"), "model_path": str(run_dir / "model.pt"), "val_fold": fold}
     configs = ["train", *ABLATIONS[name]]
     run_config(configs, run_id="run", **{**overrides, **paths})
     run_config([*configs, "evaluate"], run_id="run", method_name=name,
                **{**overrides, **paths, "output_dir": str(run_dir / "evaluate")})
-    return json.loads(summary_path.read_text())
+    return json.loads(summary_path.read_text(encoding="utf-8"))
 
 
 def table(results: dict[str, list[dict]]) -> str:
@@ -101,7 +101,7 @@ def main() -> None:
     results = {name: [run_one(name, fold, args.out, overrides) for fold in args.folds] for name in args.ablations}
     args.out.mkdir(parents=True, exist_ok=True)
     header = f"Test split, {len(args.folds)} fold(s) {args.folds}; mean ± std over folds of the per-fold means.\n\n"
-    (args.out / "table1.md").write_text(header + table(results))
+    (args.out / "table1.md").write_text(header + table(results), encoding="utf-8")
     bar_chart(results, args.out / "table1.png")
     print(header + table(results))
     print(f"wrote {args.out / 'table1.md'} and {args.out / 'table1.png'}")

@@ -74,7 +74,7 @@ def test_clip_loss_decreases_on_a_small_cohort():
 
 def test_leakage_guard_refuses_a_test_patient_in_pretraining(tmp_path):
     entries = {"training": [{"patient": "A", "fold": 0}, {"patient": "T", "fold": 1}], "testing": [{"patient": "T"}]}
-    (tmp_path / "datalist.json").write_text(json.dumps(entries))
+    (tmp_path / "datalist.json").write_text(json.dumps(entries), encoding="utf-8")
     with pytest.raises(ValueError, match="test patients"):
         pretraining_cases(DatasetSplit(tmp_path / "datalist.json", val_fold=None))
 
@@ -120,7 +120,7 @@ def test_pretrain_config_writes_a_reloadable_text_encoder(tmp_path):
         nib.save(nib.Nifti1Image(image, np.eye(4)), str(tmp_path / f"P{i}" / "image.nii.gz"))
         entry = {"patient": f"P{i}", "image": f"P{i}/image.nii.gz", "record": rec}
         (entries["training"] if i < 5 else entries["testing"]).append({**entry, "fold": i % 5})
-    (tmp_path / "datalist.json").write_text(json.dumps(entries))
+    (tmp_path / "datalist.json").write_text(json.dumps(entries), encoding="utf-8")
     run_config(["pretrain_clip"], dataset_dir=str(tmp_path), ckpt_dir=str(tmp_path / "models"),
                output_dir=str(tmp_path / "runs"), max_epochs=2, batch_size=4, image_size=[16, 16, 16])
     folder = tmp_path / "models" / "text_encoder"

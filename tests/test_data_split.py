@@ -15,7 +15,7 @@ def _write(tmp_path, training, testing):
         for key in ("image", "target", "mask"):
             (tmp_path / entry["patient"] / f"{key}.nii.gz").write_bytes(b"x")
             entry[key] = f"{entry['patient']}/{key}.nii.gz"
-    (tmp_path / "datalist.json").write_text(json.dumps({"training": training, "testing": testing}))
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": training, "testing": testing}), encoding="utf-8")
     return tmp_path / "datalist.json"
 
 

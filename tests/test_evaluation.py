@@ -55,10 +55,10 @@ def test_writer_produces_csv_and_summary(tmp_path):
     writer = FollowupMetricsWriter(tmp_path, threshold=0.05, name="oracle")
     writer.attach(engine)
     engine.run(batches, max_epochs=1)
-    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv", encoding="utf-8")))
     assert [r["patient"] for r in rows] == ["P0", "P1", "P2", "P3"]
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
     assert summary["cases"] == 4
     assert summary["model"]["psnr_change"]["n"] == 2
     assert summary["model"]["psnr_lung"]["mean"] > summary["identity"]["psnr_lung"]["mean"]
-    assert "oracle vs identity baseline" in (tmp_path / "summary.md").read_text()
+    assert "oracle vs identity baseline" in (tmp_path / "summary.md").read_text(encoding="utf-8")

@@ -75,7 +75,7 @@ def test_single_slice_series_is_refused(patient: Path, tmp_path: Path) -> None:
 
 
 def test_folder_without_dicom(tmp_path: Path) -> None:
-    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "notes.txt").write_text("not an image", encoding="utf-8")
     with pytest.raises(CTInputError, match="no readable DICOM series"):
         load_ct(tmp_path)
 
@@ -147,7 +147,7 @@ def test_atomic_writers_leave_only_the_result(tmp_path: Path) -> None:
     loaded = nib.load(tmp_path / "a.nii.gz")
     np.testing.assert_array_equal(loaded.get_fdata(), array)
     np.testing.assert_allclose(loaded.affine, affine)
-    assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
+    assert json.loads((tmp_path / "a.json").read_text(encoding="utf-8")) == {"x": 1}
     assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
     # Equal inputs give identical bytes (no timestamp in the gzip header).
     assert nifti_bytes(array, affine) == nifti_bytes(array, affine)

@@ -46,7 +46,7 @@ def test_pair_outputs(prepared: Path, cohort: Path) -> None:
         np.testing.assert_allclose(np.abs(np.diag(volume.affine)[:3]), 1.0)
     x, y, m = image.get_fdata(), target.get_fdata(), mask.get_fdata() > 0
     assert 0.0 <= x.min() and x.max() <= 1.0 and np.all(x[~m] == 0) and np.all(y[~m] == 0)
-    qc = json.loads((prepared / "qc.json").read_text())
+    qc = json.loads((prepared / "qc.json").read_text(encoding="utf-8"))
     assert qc["warnings"] == [] and set(qc["qc"]) == {"left_lung", "right_lung"}
     assert (prepared / "qc.png").read_bytes()[:4] == b"\x89PNG"
     # The grid lives in the initial scan's frame: the initial HU sampled at the grid's points is the image.
@@ -131,8 +131,8 @@ def test_cohort_batch(cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
     assert sorted(summary["prepared"]) == ["SYN0000", "SYN0001"]
     assert list(summary["failed"]) == ["SYN0002"] and "followup.nii.gz" in summary["failed"]["SYN0002"]
     assert "SYN0002 FAILED" in capsys.readouterr().out
-    datalist = json.loads((tmp_path / "prepared" / "datalist.json").read_text())
-    source = json.loads((cohort / "datalist.json").read_text())
+    datalist = json.loads((tmp_path / "prepared" / "datalist.json").read_text(encoding="utf-8"))
+    source = json.loads((cohort / "datalist.json").read_text(encoding="utf-8"))
     entries = [e for section in datalist.values() for e in section]
     assert sorted(e["patient"] for e in entries) == ["SYN0000", "SYN0001"]
     folds = {e["patient"]: e.get("fold") for section in source.values() for e in section}
@@ -142,7 +142,7 @@ def test_cohort_batch(cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
             assert set(e["record"]) == {"FVC", "Percent", "Age", "Sex", "SmokingStatus", "DLCO"}
             assert set(e["followup_record"]) == {"FollowupWeeks", "FollowupFVC", "FollowupPercent", "Progression"}
             assert all((tmp_path / "prepared" / e[k]).is_file() for k in ("image", "target", "mask"))
-    assert json.loads((tmp_path / "prepared" / "failures.json").read_text()).keys() == {"SYN0002"}
+    assert json.loads((tmp_path / "prepared" / "failures.json").read_text(encoding="utf-8")).keys() == {"SYN0002"}
     again = prepare_cohort(broken, tmp_path / "prepared", preparer, progress=False)
     assert sorted(again["skipped"]) == ["SYN0000", "SYN0001"] and not again["prepared"]
 
@@ -150,7 +150,7 @@ def test_cohort_batch(cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_osic_table_with_several_visits(tmp_path: Path) -> None:
     (tmp_path / "train.csv").write_text(
         "Patient,Weeks,FVC,Percent,Age,Sex,SmokingStatus\n"
-        "ID1,10,2000,60.5,70,Male,Ex-smoker\nID1,-3,2100,63.0,70,Male,Ex-smoker\nID1,50,1800,54.1,70,Male,Ex-smoker\n")
+        "ID1,10,2000,60.5,70,Male,Ex-smoker\nID1,-3,2100,63.0,70,Male,Ex-smoker\nID1,50,1800,54.1,70,Male,Ex-smoker\n", encoding="utf-8")
     table = read_lung_function(tmp_path / "train.csv")
     assert table["ID1"]["record"] == {"FVC": 2100, "Percent": 63.0, "Age": 70, "Sex": "Male", "SmokingStatus": "Ex-smoker"}
     assert table["ID1"]["followup_record"] == {"FollowupWeeks": 53, "FollowupFVC": 1800, "FollowupPercent": 54.1}
@@ -176,6 +176,6 @@ def test_config_runs_from_any_folder(tmp_path: Path) -> None:
          "--grid", "[64, 64, 64]", "--transform_type", "AffineFast"],
         cwd=tmp_path, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    datalist = json.loads((tmp_path / "prepared" / "datalist.json").read_text())
+    datalist = json.loads((tmp_path / "prepared" / "datalist.json").read_text(encoding="utf-8"))
     (entry,) = [e for section in datalist.values() for e in section]
     assert nib.load(tmp_path / "prepared" / entry["image"]).shape == (64, 64, 64)

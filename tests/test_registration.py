@@ -28,7 +28,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "initial": initial, "affine_initial": affine_i, "followup": followup, "affine_followup": affine_f,
         "initial_labels": np.asarray(nib.load(folder / "initial_lungs.nii.gz").dataobj),
         "followup_labels": np.asarray(nib.load(folder / "followup_lungs.nii.gz").dataobj),
-        "truth": json.loads((folder / "transforms.json").read_text()),
+        "truth": json.loads((folder / "transforms.json").read_text(encoding="utf-8")),
     }
 
 

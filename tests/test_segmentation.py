@@ -188,4 +188,4 @@ def test_totalsegmentator_backend(cohort: Path, tmp_path: Path, monkeypatch: pyt
     if calls:
         assert calls[0]["fast"] is True and calls[0]["skip_saving"] is True
         assert set(calls[0]["roi_subset"]) == set(segmentation.TOTALSEG_LEFT + segmentation.TOTALSEG_RIGHT)
-        assert json.loads((home / "config.json").read_text())["send_usage_stats"] is False
+        assert json.loads((home / "config.json").read_text(encoding="utf-8"))["send_usage_stats"] is False

@@ -30,7 +30,7 @@ def _load(path):
 
 
 def _rows(cohort):
-    with open(cohort / "lung_function.csv") as f:
+    with open(cohort / "lung_function.csv", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 
@@ -83,7 +83,7 @@ def test_saved_transforms_map_followup_lungs_onto_initial_lungs(cohort):
     for pid in ("SYN0000", "SYN0001", "SYN0002"):
         initial, affine = _load(cohort / pid / "initial_lungs.nii.gz")
         followup, _ = _load(cohort / pid / "followup_lungs.nii.gz")
-        transforms = json.loads((cohort / pid / "transforms.json").read_text())
+        transforms = json.loads((cohort / pid / "transforms.json").read_text(encoding="utf-8"))
         idx = np.stack(np.meshgrid(*[np.arange(n) for n in initial.shape], indexing="ij"), -1).reshape(-1, 3)
         world = idx @ affine[:3, :3].T + affine[:3, 3]
         for name, label in (("left_lung", LEFT_LUNG), ("right_lung", RIGHT_LUNG)):
@@ -111,7 +111,7 @@ def test_same_seed_identical_bytes_other_seed_differs(tmp_path):
 
 
 def test_split_is_disjoint_and_folds_cover_training(cohort):
-    datalist = json.loads((cohort / "datalist.json").read_text())
+    datalist = json.loads((cohort / "datalist.json").read_text(encoding="utf-8"))
     train = {e["patient"] for e in datalist["training"]}
     test = {e["patient"] for e in datalist["testing"]}
     assert not train & test and len(train | test) == N and test

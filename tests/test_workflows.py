@@ -17,7 +17,7 @@ import torch
 from cirresdiff_bundle.runner import run_config
 
 GRID = 32
-TINY_MODEL = {"roi_size": [32, 32, 32], "network_channels": [8, 16, 16], "attention_levels": [False, True, True],
+TINY_MODEL = {"roi_size": [32, 32, 32], "sw_roi_size": [32, 32, 32], "network_channels": [8, 16, 16], "attention_levels": [False, True, True],
               "num_head_channels": 8, "sw_batch_size": 1}
 
 
@@ -54,7 +54,7 @@ def prepared(tmp_path_factory):
             entries["training"].append({**entry, "fold": i % 5})
         else:
             entries["testing"].append(entry)
-    (root / "datalist.json").write_text(json.dumps(entries))
+    (root / "datalist.json").write_text(json.dumps(entries), encoding="utf-8")
     models = root / "models"
     torch.manual_seed(0)
     TextEncoder(num_layers=1).save(models / "text_encoder")
@@ -89,7 +89,7 @@ def test_every_ablation_trains_and_evaluates(prepared, tmp_path, ablation):
     assert (out / "last.pt").is_file()
     torch.save(torch.load(out / "last.pt", weights_only=True)["network"], out / "model.pt")
     run_config(["train", *ablation, "evaluate"], **{**overrides, "output_dir": str(out / "eval")})
-    rows = list(csv.DictReader(open(out / "eval" / "metrics.csv")))
+    rows = list(csv.DictReader(open(out / "eval" / "metrics.csv", encoding="utf-8")))
     assert [r["patient"] for r in rows] == ["P6", "P7"]
     assert all(np.isfinite(float(r["model_psnr_lung"])) for r in rows)
 
@@ -99,9 +99,9 @@ def test_evaluation_writes_per_case_csv_summary_and_predictions(prepared, tmp_pa
     overrides = _train_overrides(prepared, out)
     run_config(["train"], **overrides)
     run_config(["train", "evaluate"], **{**overrides, "output_dir": str(tmp_path / "eval")})
-    rows = list(csv.DictReader(open(tmp_path / "eval" / "metrics.csv")))
+    rows = list(csv.DictReader(open(tmp_path / "eval" / "metrics.csv", encoding="utf-8")))
     assert len(rows) == 2 and {"model_psnr_lung", "identity_psnr_lung", "model_ssim_change"} <= set(rows[0])
-    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text(encoding="utf-8"))
     assert summary["cases"] == 2 and summary["identity"]["psnr_lung"]["n"] == 2
     pred = nib.load(str(tmp_path / "eval" / "predictions" / "P6" / "image_followup.nii.gz"))
     assert pred.shape[-3:] == (GRID,) * 3
@@ -111,7 +111,7 @@ def test_classifier_trains_on_real_pairs_and_reports(prepared, tmp_path):
     overrides = {"dataset_dir": str(prepared), "ckpt_dir": str(tmp_path), "output_dir": str(tmp_path / "cls"),
                  "max_epochs": 1, "input_size": [16, 16, 16], "batch_size": 2}
     run_config(["train_classifier"], **overrides)
-    report = json.loads((tmp_path / "cls" / "real.json").read_text())
+    report = json.loads((tmp_path / "cls" / "real.json").read_text(encoding="utf-8"))
     assert report["cases"] == 2 and 0.0 <= report["accuracy"] <= 1.0 and report["roc_auc"] is not None
     assert (tmp_path / "classifier.pt").is_file()
 
@@ -140,7 +140,7 @@ def test_inference_writes_followup_change_uncertainty_and_figure(prepared, raw_c
     assert np.allclose(change, np.asarray(followup.dataobj) - np.asarray(initial.dataobj), atol=1e-3)
     assert np.asarray(nib.load(str(folder / "uncertainty.nii.gz")).dataobj).max() > 0
     assert (folder / "figure.png").stat().st_size > 10_000
-    summary = json.loads((folder / "prediction.json").read_text())
+    summary = json.loads((folder / "prediction.json").read_text(encoding="utf-8"))
     assert "forced vital capacity 2450 ml" in summary["text"]
     # Re-running skips the finished case instead of overwriting it.
     stamp = (folder / "followup.nii.gz").stat().st_mtime_ns
@@ -158,8 +158,8 @@ def test_multi_gpu_config_runs_with_two_gloo_processes(prepared, tmp_path):
            "monai.bundle", "run", "training", "--config_file", "['configs/train.json','configs/multi_gpu_train.json']",
            *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(__file__)), capture_output=True, text=True,
-                            timeout=600, env=env)
+    result = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(__file__)), capture_output=True, encoding="utf-8",
+                            errors="replace", timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     state = torch.load(out / "last.pt", weights_only=True)
     # 4 training cases split over 2 ranks, batch 2: 1 iteration per rank.
