@@ -47,7 +47,9 @@ def predict_followup(
         output_dir: where NIfTI and PNG outputs are written; ``None`` keeps only the arrays.
         num_samples: samples to draw; more than one also returns the voxel-wise standard deviation.
         bundle_root: the bundle folder whose configs and models are used.
-        overrides: further config ids of ``configs/inference.json`` and their values.
+        overrides: further config ids of ``configs/inference.json`` and their values; plain values
+            only: a ``$`` expression anywhere in them (or in ``record``) is refused, so input from
+            outside can never run code through MONAI's config parser.
 
     Returns:
         One dict per case: ``patient``, ``followup`` (HU array, initial scan's space), ``affine``,
@@ -64,7 +66,7 @@ def predict_followup(
             initial = source
         out = Path(output_dir) if output_dir is not None else Path(tmp) / "outputs"
         workflow = run_config(
-            ["inference"], run_id="run", bundle_root=bundle_root, input=str(Path(initial).resolve()),
+            ["inference"], run_id="run", bundle_root=bundle_root, allow_code=False, input=str(Path(initial).resolve()),
             record=dict(record) if record is not None else None,
             records_csv=str(records_csv) if records_csv is not None else None, output_dir=str(out.resolve()),
             num_samples=num_samples, **overrides,

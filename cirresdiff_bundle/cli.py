@@ -25,8 +25,9 @@ import fire
 
 from cirresdiff_bundle.runner import run_config
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, RuntimeError)
-"""Exceptions that describe a problem with the user's input or set-up (``CTInputError`` is a ``ValueError``)."""
+USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError)
+"""Exceptions that describe a problem with the user's input or set-up (``CTInputError`` is a ``ValueError``,
+a missing file or an unwritable output folder an ``OSError``, a mistyped config override a ``TypeError``)."""
 
 
 class UsageError(ValueError):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigParser, ConfigWorkflow
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 """The bundle folder this package was installed from (the repository root)."""
@@ -38,8 +38,62 @@ def config_paths(names: Sequence[str], bundle_root: str | os.PathLike = BUNDLE_R
     return paths
 
 
+def _fits(value: Any, default: Any) -> bool:
+    if isinstance(value, str) and value[:1] in ("$", "@", "%"):
+        return True  # an expression or a reference is checked when the config evaluates it
+    if default is None or isinstance(default, str) and default[:1] in ("$", "@", "%"):
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, type(default))
+
+
+def _code_strings(value: Any) -> list[str]:
+    """Strings anywhere in ``value`` that MONAI's parser would execute (``$``) or import (``%``)."""
+    if isinstance(value, str):
+        return [value] if value[:1] in ("$", "%") else []
+    if isinstance(value, Mapping):
+        return [s for v in value.values() for s in _code_strings(v)]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _code_strings(v)]
+    return []
+
+
+def check_overrides(paths: Sequence[str], overrides: dict[str, Any], allow_code: bool = True) -> None:
+    """Refuse an override whose type differs from the literal value it replaces in the configs.
+
+    Without this a ``--max_epochs ten`` surfaces as a stack trace deep inside Ignite, hours later
+    for a value only read at the end of training.
+
+    Args:
+        paths: the config files, merged in order.
+        overrides: config ids and their new values.
+        allow_code: whether values may hold ``$`` expressions or ``%`` imports, which MONAI's parser
+            executes; inference on data from outside passes ``False``.
+    """
+    if not allow_code:
+        code = {key: found for key, value in overrides.items() if (found := _code_strings(value))}
+        if code:
+            raise ValueError(f"overrides hold config expressions, which would run as Python code: {code}")
+    parser = ConfigParser()
+    parser.read_config(list(paths))
+    for key, value in overrides.items():
+        if key in parser and not _fits(value, default := parser.get(key)):
+            raise TypeError(
+                f"config override {key}={value!r} ({type(value).__name__}) does not fit its default "
+                f"{default!r} ({type(default).__name__})"
+            )
+
+
 def run_config(
-    configs: Sequence[str], run_id: str = "run", bundle_root: str | os.PathLike = BUNDLE_ROOT, **overrides: Any
+    configs: Sequence[str], run_id: str = "run", bundle_root: str | os.PathLike = BUNDLE_ROOT, allow_code: bool = True,
+    **overrides: Any,
 ) -> ConfigWorkflow:
     """Run a bundle workflow: the configs are merged in order, ``overrides`` replace config ids.
 
@@ -47,9 +101,11 @@ def run_config(
         configs: config names or paths, merged left to right (later ones override).
         run_id: the id of the expression list to run (``run``, ``training``, ...).
         bundle_root: the bundle folder; passed to the configs as ``bundle_root``.
+        allow_code: whether override values may hold ``$`` expressions (see ``check_overrides``).
         overrides: config ids (``#``-separated) and their new values.
     """
     paths = config_paths(configs, bundle_root)
+    check_overrides(paths, overrides, allow_code)
     workflow = ConfigWorkflow(
         config_file=paths,
         meta_file=str(Path(bundle_root) / "configs" / "metadata.json"),

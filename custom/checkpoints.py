@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 
+from custom.io import check_output_dir
+
 logger = logging.getLogger(__name__)
 
 
@@ -130,6 +132,8 @@ class ResumableCheckpoint:
         save_interval: int = 1,
         map_location: str | torch.device | None = "cpu",
     ) -> None:
+        if _is_main_process():
+            check_output_dir(save_dir)
         self.path = Path(save_dir) / "last.pt"
         self.save_dict = dict(save_dict)
         self.save_interval = save_interval
@@ -195,3 +199,28 @@ class BestModelSaver:
             self.best = value
             atomic_torch_save(unwrap(self.network).state_dict(), self.path)
             logger.info(f"saved {self.path} ({name} = {value:.4f})")
+
+
+class FinalWeightsSaver:
+    """At the end of training, write the weights to ``path`` if no validation has written a best model there.
+
+    A training whose ``val_interval`` exceeds its epochs never validates; without this it would end
+    with no ``model.pt`` for inference. Attach it to the trainer.
+
+    Args:
+        network: the trained network (a DDP wrapper is unwrapped).
+        path: the model file the validation would have written, e.g. ``models/model.pt``.
+    """
+
+    def __init__(self, network: torch.nn.Module, path: str | os.PathLike) -> None:
+        self.network = network
+        self.path = Path(path)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if self.path.is_file() or not _is_main_process():
+            return
+        save_weights(self.network, self.path)
+        logger.info(f"no validation wrote a best model: saved the final weights to {self.path}")

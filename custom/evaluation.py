@@ -19,13 +19,13 @@ import json
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from custom.io import atomic_write_bytes, check_output_dir
 from custom.metrics import masked_psnr, masked_ssim
 
 logger = logging.getLogger(__name__)
@@ -96,15 +96,7 @@ def summarize(rows: list[dict], methods: tuple[str, ...] = ("model", "identity")
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def summary_markdown(summary: dict, title: str) -> str:
@@ -149,7 +141,7 @@ class FollowupMetricsWriter:
         mask_key: str = "mask",
         id_key: str = "patient",
     ) -> None:
-        self.output_dir = Path(output_dir)
+        self.output_dir = check_output_dir(output_dir)
         self.threshold = threshold
         self.name = name
         self.keys = (image_key, target_key, mask_key, id_key)

@@ -20,7 +20,7 @@ from monai.transforms import MapTransform
 
 from custom.constants import HU_WINDOW
 from custom.figures import save_comparison_figure
-from custom.io import write_json, write_nifti
+from custom.io import check_output_dir, write_json, write_nifti
 from custom.preregistration import denormalize, resample
 from custom.text import read_lung_function
 
@@ -171,7 +171,7 @@ class InferenceWriter:
     """
 
     def __init__(self, output_dir: str | os.PathLike) -> None:
-        self.output_dir = Path(output_dir)
+        self.output_dir = check_output_dir(output_dir)
         self.written: list[dict] = []
 
     def attach(self, engine: Engine) -> None:

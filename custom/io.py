@@ -16,6 +16,7 @@ import gzip
 import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -29,6 +30,38 @@ PADDING_HU = -1024.0
 
 class CTInputError(ValueError):
     """An input that is not a usable chest CT (missing, unreadable, wrong geometry, not CT)."""
+
+
+class OutputDirError(OSError):
+    """An output folder that cannot be created, cannot be written or has too little free space."""
+
+
+MIN_FREE_MB = 200.0
+"""Free space an output folder must have before long work starts (a demo-size run writes ~50 MB)."""
+
+
+def check_output_dir(path: str | os.PathLike, min_free_mb: float = MIN_FREE_MB) -> Path:
+    """Create ``path`` if needed and make sure a file can be written there and the disk has room.
+
+    Called when a workflow is set up, so a full disk or a read-only folder fails before hours of
+    work rather than at the first save.
+
+    Args:
+        path: the output folder.
+        min_free_mb: free space required on its file system, in MiB.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputDirError(f"{path}: the output folder cannot be written ({e.strerror or e})") from e
+    free_mb = shutil.disk_usage(path).free / 2**20
+    if free_mb < min_free_mb:
+        raise OutputDirError(f"{path}: only {free_mb:.0f} MiB free on its disk, at least {min_free_mb:.0f} MiB needed")
+    return path
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -110,11 +143,26 @@ def _dicom_series_files(folder: Path) -> list[str]:
         raise CTInputError(f"{folder}: no readable DICOM series in this folder")
     if len(series) > 1:
         raise CTInputError(f"{folder}: {len(series)} DICOM series are mixed in this folder; give one series per folder")
-    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    # GDCM silently leaves out a slice it cannot parse; the gap would then pass for a missing slice.
+    in_series = {Path(f).resolve() for f in files}
+    unread = sorted(p.name for p in folder.iterdir() if p.is_file() and _looks_like_dicom(p) and p.resolve() not in in_series)
+    if unread:
+        raise CTInputError(f"{folder}: {len(unread)} file(s) are not readable slices of the series (truncated or "
+                           f"corrupt?): {', '.join(unread[:5])}")
+    return files
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    if path.suffix.lower() == ".dcm":
+        return True
+    with open(path, "rb") as f:
+        return f.read(132)[128:] == b"DICM"
 
 
 def _check_slice_positions(folder: Path, files: list[str]) -> None:
-    """Refuse series whose slices are not evenly spaced along the slice normal (missing or duplicate slices)."""
+    """Refuse series whose slices are not stacked evenly along the slice normal (missing or duplicate
+    slices, mixed thicknesses, gantry tilt)."""
     import pydicom
 
     if len(files) < 2:
@@ -132,8 +180,22 @@ def _check_slice_positions(folder: Path, files: list[str]) -> None:
             normal = slice_normal
         elif not np.allclose(slice_normal, normal, atol=1e-3):
             raise CTInputError(f"{folder}: slices have different orientations")
-        positions.append(float(position @ normal))
-    gaps = np.diff(np.sort(positions))
+        positions.append(position)
+    positions = np.asarray(positions)
+    along = positions @ normal
+    order = np.argsort(along)
+    steps = np.diff(positions[order], axis=0)
+    # Slices of a tilted gantry are stacked obliquely: each step has a component inside the slice
+    # plane, which readers that assume an orthogonal grid silently turn into a sheared volume.
+    normal_step = np.abs(steps @ normal)
+    in_plane = np.linalg.norm(steps - np.outer(steps @ normal, normal), axis=1)
+    if np.any(in_plane > 0.01 * normal_step + 1e-3):
+        raise CTInputError(
+            f"{folder}: slices are stacked obliquely to their plane (gantry tilt of about "
+            f"{np.degrees(np.arctan2(in_plane, normal_step)).max():.1f} degrees); "
+            "correct the tilt first (e.g. dcm2niix, which resamples tilted series)"
+        )
+    gaps = np.diff(along[order])
     if np.any(gaps < 1e-3):
         raise CTInputError(f"{folder}: duplicate slices at the same position")
     if np.ptp(gaps) > 0.01 * np.median(gaps) + 1e-3:
@@ -180,8 +242,11 @@ def read_image_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """
     from monai.transforms import LoadImage
 
+    # Naming the reader keeps LoadImage from building every reader it knows per call, among them
+    # the GPU DICOM reader that warns on each CPU-only read.
+    reader = "NibabelReader" if str(path).lower().endswith((".nii", ".nii.gz")) else "ITKReader"
     try:
-        image = LoadImage(image_only=True)(str(path))
+        image = LoadImage(reader=reader, image_only=True)(str(path))
     except Exception as e:
         raise CTInputError(f"{path}: unreadable or corrupt image file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
     return np.asarray(image, dtype=np.float32), np.asarray(image.affine, dtype=np.float64)

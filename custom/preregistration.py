@@ -20,7 +20,6 @@ the lung region (the paper's choice); docs/preregistration.md compares them.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -36,19 +35,15 @@ from monai.transforms import Compose, MapTransform
 from scipy import ndimage
 
 from custom.constants import AIR_HU, HU_WINDOW
-from custom.io import CTInputError, load_ct, write_json, write_nifti, write_png
+from custom.io import CTInputError, check_output_dir, load_ct, write_json, write_nifti, write_png
 from custom.registration import register_pair
 from custom.segmentation import dilate_mm, segment_lungs, voxel_spacing
+from custom.text import read_lung_function
 
 logger = logging.getLogger(__name__)
 
 PREPARED_FILES = ("image.nii.gz", "target.nii.gz", "mask.nii.gz", "qc.json", "qc.png")
 """Files of one prepared case; a case folder holding all of them is complete."""
-RECORD_KEYS = ("FVC", "Percent", "Age", "Sex", "SmokingStatus")
-"""Lung-function values measured with the initial scan (the model's text input)."""
-FOLLOWUP_PREFIX = "Followup"
-"""Columns of the follow-up visit (the future): kept for evaluation, never in ``record``."""
-OUTCOME_KEYS = ("Progression",)
 
 
 def normalize_hu(hu: np.ndarray, mode: str = "window", window: Sequence[float] = HU_WINDOW,
@@ -506,54 +501,6 @@ class PairPreparer:
         return qc
 
 
-def _number(value: str) -> int | float | str:
-    """A CSV cell as int, float or (stripped) text."""
-    text = value.strip()
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def read_lung_function(csv_path: str | os.PathLike) -> dict[str, dict[str, dict]]:
-    """Lung-function records per patient from an OSIC-style table.
-
-    ``record`` holds what is measured with the initial scan (``FVC, Percent, Age, Sex,
-    SmokingStatus`` and extra columns such as ``DLCO``); ``followup_record`` holds the future
-    (``Followup*`` columns and ``Progression``), kept apart so that it never reaches the model's
-    input. With several rows per patient (OSIC), the row with the smallest ``Weeks`` is the
-    baseline and, without ``Followup*`` columns, the last row gives the follow-up values.
-
-    Args:
-        csv_path: ``lung_function.csv``.
-    """
-    path = Path(csv_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: lung-function table not found")
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    missing = [c for c in ("Patient", *RECORD_KEYS) if rows and c not in rows[0]]
-    if not rows or missing:
-        raise ValueError(f"{path}: expected columns Patient, {', '.join(RECORD_KEYS)}; missing {missing or 'all rows'}")
-    by_patient: dict[str, list[dict]] = {}
-    for row in rows:
-        by_patient.setdefault(row["Patient"].strip(), []).append({k: _number(v) for k, v in row.items() if v not in ("", None)})
-    out = {}
-    for patient, visits in by_patient.items():
-        visits.sort(key=lambda r: r.get("Weeks", 0))
-        base = visits[0]
-        future = {k: v for k, v in base.items() if k.startswith(FOLLOWUP_PREFIX) or k in OUTCOME_KEYS}
-        if not future and len(visits) > 1:
-            last = visits[-1]
-            future = {"FollowupWeeks": last.get("Weeks", 0) - base.get("Weeks", 0), "FollowupFVC": last["FVC"],
-                      "FollowupPercent": last["Percent"]}
-        record = {k: v for k, v in base.items() if k not in ("Patient", "Weeks") and k not in future}
-        out[patient] = {"record": record, "followup_record": future}
-    return out
-
-
 def case_complete(folder: Path) -> bool:
     """Whether a prepared case folder holds every output file."""
     return all((folder / name).is_file() for name in PREPARED_FILES)
@@ -584,7 +531,7 @@ def prepare_cohort(cohort_dir: str | os.PathLike, prepared_dir: str | os.PathLik
     cohort_list = json.loads(datalist_path.read_text(encoding="utf-8"))
     tables = read_lung_function(cohort / "lung_function.csv")
     preparer = preparer if preparer is not None else PairPreparer()
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out)
     summary: dict = {"prepared": [], "skipped": [], "failed": {}, "warnings": {}}
     prepared_list: dict[str, list] = {section: [] for section in cohort_list}
     cases = [(section, entry) for section in ("training", "validation", "testing") for entry in cohort_list.get(section, [])]

@@ -18,6 +18,7 @@ import csv
 import math
 import os
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 
 from monai.transforms import MapTransform
 
@@ -33,6 +34,11 @@ SEX = {"male": "male", "m": "male", "female": "female", "f": "female"}
 SMOKING = {"never smoked": "never smoked", "ex-smoker": "former smoker", "currently smokes": "current smoker"}
 FIELD_ORDER = ("FVC", "Percent", "Age", "Sex", "SmokingStatus", "DLCO", "PEF")
 NOT_MEASURED = "not measured"
+RECORD_KEYS = ("FVC", "Percent", "Age", "Sex", "SmokingStatus")
+"""Lung-function values measured with the initial scan (the model's text input)."""
+FOLLOWUP_PREFIX = "Followup"
+"""Columns of the follow-up visit (the future): kept for evaluation, never in ``record``."""
+OUTCOME_KEYS = ("Progression",)
 
 
 class RecordError(ValueError):
@@ -170,22 +176,49 @@ def default_text() -> str:
     return record_to_text(None)
 
 
-def read_lung_function(csv_path: str | os.PathLike) -> dict[str, dict]:
-    """Lung-function rows of an OSIC-style CSV by patient: baseline record and follow-up values.
+def _number(value: str) -> int | float | str:
+    """A CSV cell as int, float or (stripped) text."""
+    text = value.strip()
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
-    The baseline record holds what is known at the initial scan (FVC, Percent, Age, Sex,
-    SmokingStatus and extra fields such as DLCO); the follow-up values, which are the future,
-    are kept apart for evaluation only.
+
+def read_lung_function(csv_path: str | os.PathLike) -> dict[str, dict[str, dict]]:
+    """Lung-function records per patient from an OSIC-style table.
+
+    ``record`` holds what is measured with the initial scan (``FVC, Percent, Age, Sex,
+    SmokingStatus`` and extra columns such as ``DLCO``); ``followup_record`` holds the future
+    (``Followup*`` columns and ``Progression``), kept apart so that it never reaches the model's
+    input. With several rows per patient (OSIC), the row with the smallest ``Weeks`` is the
+    baseline and, without ``Followup*`` columns, the last row gives the follow-up values.
 
     Args:
-        csv_path: the cohort's ``lung_function.csv``.
+        csv_path: ``lung_function.csv``.
     """
-    future = {"FollowupWeeks", "FollowupFVC", "FollowupPercent", "Progression"}
+    path = Path(csv_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: lung-function table not found")
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    missing = [c for c in ("Patient", *RECORD_KEYS) if rows and c not in rows[0]]
+    if not rows or missing:
+        raise ValueError(f"{path}: expected columns Patient, {', '.join(RECORD_KEYS)}; missing {missing or 'all rows'}")
+    by_patient: dict[str, list[dict]] = {}
+    for row in rows:
+        by_patient.setdefault(row["Patient"].strip(), []).append({k: _number(v) for k, v in row.items() if v not in ("", None)})
     out = {}
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            pid = row.pop("Patient")
-            follow = {k: row.pop(k) for k in list(row) if k in future}
-            row.pop("Weeks", None)
-            out[pid] = {"record": {k: v for k, v in row.items() if v not in ("", None)}, "followup": follow}
+    for patient, visits in by_patient.items():
+        visits.sort(key=lambda r: r.get("Weeks", 0))
+        base = visits[0]
+        future = {k: v for k, v in base.items() if k.startswith(FOLLOWUP_PREFIX) or k in OUTCOME_KEYS}
+        if not future and len(visits) > 1:
+            last = visits[-1]
+            future = {"FollowupWeeks": last.get("Weeks", 0) - base.get("Weeks", 0), "FollowupFVC": last["FVC"],
+                      "FollowupPercent": last["Percent"]}
+        record = {k: v for k, v in base.items() if k not in ("Patient", "Weeks") and k not in future}
+        out[patient] = {"record": record, "followup_record": future}
     return out

@@ -17,9 +17,10 @@ from cirresdiff_bundle.cli import main
 from custom.constants import HU_WINDOW
 from custom.io import CTInputError, load_ct
 from custom.preregistration import (
-    GridToSourced, PairPreparer, normalize_hu, prepare_cohort, preparation_transform, read_lung_function, resample,
+    GridToSourced, PairPreparer, normalize_hu, prepare_cohort, preparation_transform, resample,
 )
 from custom.synthetic import generate_cohort
+from custom.text import read_lung_function
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import nibabel as nib
 import numpy as np
@@ -150,13 +152,9 @@ def test_inference_writes_followup_change_uncertainty_and_figure(prepared, raw_c
 
 def test_multi_gpu_config_runs_with_two_gloo_processes(prepared, tmp_path):
     out = tmp_path / "ddp"
-    overrides = _train_overrides(prepared, out, val_interval=5)
-    args = []
-    for key, value in overrides.items():
-        args += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m",
-           "monai.bundle", "run", "training", "--config_file", "['configs/train.json','configs/multi_gpu_train.json']",
-           *args]
+    bundle = _bundle_command(["configs/train.json", "configs/multi_gpu_train.json"], "training",
+                             _train_overrides(prepared, out, val_interval=5))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", *bundle[1:]]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(__file__)), capture_output=True, encoding="utf-8",
                             errors="replace", timeout=600, env=env)
@@ -165,3 +163,89 @@ def test_multi_gpu_config_runs_with_two_gloo_processes(prepared, tmp_path):
     # 4 training cases split over 2 ranks, batch 2: 1 iteration per rank.
     assert state["trainer"] == {"epoch": 1, "iteration": 1}
     assert not any(k.startswith("module.") for k in state["network"])
+
+
+def _bundle_command(configs: list[str], run_id: str, overrides: dict) -> list[str]:
+    files = configs[0] if len(configs) == 1 else "[" + ",".join(f"'{c}'" for c in configs) + "]"
+    args = [a for key, value in overrides.items() for a in (f"--{key}", value if isinstance(value, str) else json.dumps(value))]
+    return [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", files, *args]
+
+
+def test_training_killed_at_a_random_moment_resumes_to_the_same_iteration(prepared, tmp_path):
+    out = tmp_path / "killed"
+    max_epochs = 8
+    cmd = _bundle_command(["configs/train.json"], "training", _train_overrides(prepared, out, max_epochs=max_epochs,
+                                                                                val_interval=100))
+    root = os.path.dirname(os.path.dirname(__file__))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "last.pt").is_file() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(float(np.random.default_rng(7).uniform(0.0, 1.5)))
+        assert process.poll() is None, "training ended before it could be killed"
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    killed_at = torch.load(out / "last.pt", weights_only=True)["trainer"]  # the last good checkpoint loads
+    assert 1 <= killed_at["epoch"] < max_epochs
+    result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {out / 'last.pt'} at epoch {killed_at['epoch']}" in result.stdout + result.stderr
+    # 4 training cases, batch 2: 2 iterations per epoch, as if never interrupted
+    assert torch.load(out / "last.pt", weights_only=True)["trainer"] == {"epoch": max_epochs, "iteration": 2 * max_epochs}
+
+
+def test_same_seed_same_training_and_sampling_on_cpu(prepared, raw_case, tmp_path):
+    weights, followups = [], []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        run_config(["train"], **_train_overrides(prepared, out, max_epochs=2, val_interval=100))
+        weights.append(torch.load(out / "model.pt", weights_only=True))
+        run_config(["inference"], input=str(raw_case), record=_record(3), ckpt_dir=str(prepared / "models"),
+                   model_path=str(out / "model.pt"), output_dir=str(out / "inf"), grid=[GRID] * 3, num_samples=2,
+                   **TINY_MODEL)
+        followups.append(np.asarray(nib.load(str(out / "inf" / "SYN0000" / "followup.nii.gz")).dataobj))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert np.array_equal(followups[0], followups[1])
+    assert not np.array_equal(followups[0], np.asarray(nib.load(str(raw_case)).dataobj))  # the model did change it
+
+
+NO_NETWORK = """
+import json, socket, sys
+attempts = []
+
+
+def refuse(*args, **kwargs):
+    attempts.append(repr(args)[:200])
+    raise OSError("network access attempted")
+
+
+# Creating a socket is allowed: urllib3 (under transformers) probes IPv6 support at import by
+# binding one to ::1. Connecting, sending and name lookups are what reach the network.
+socket.socket.connect = socket.socket.connect_ex = socket.socket.sendto = refuse
+socket.create_connection = socket.getaddrinfo = refuse
+from cirresdiff_bundle.runner import run_config
+
+run_config(["inference"], **json.loads(sys.argv[1]))
+print("network attempts:", attempts)
+"""
+
+
+def test_importing_and_inference_make_no_network_access(prepared, raw_case, tmp_path):
+    out = tmp_path / "train"
+    run_config(["train"], **_train_overrides(prepared, out))
+    inference = {"input": str(raw_case), "record": _record(1), "ckpt_dir": str(prepared / "models"),
+                 "model_path": str(out / "model.pt"), "output_dir": str(tmp_path / "inf"), "grid": [GRID] * 3,
+                 **TINY_MODEL}
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0"}  # offline by design, not by setting
+    result = subprocess.run([sys.executable, "-c", NO_NETWORK, json.dumps(inference)], capture_output=True,
+                            encoding="utf-8", errors="replace", timeout=600, env=env,
+                            cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "network attempts: []" in result.stdout
+    assert (tmp_path / "inf" / "SYN0000" / "followup.nii.gz").is_file()
