@@ -23,7 +23,9 @@ DEMO_SETTINGS = {
     "cohort": {"n_patients": 24, "seed": 0},
     "prepare": {"grid": [96, 96, 96]},
     "pretrain_clip": {"max_epochs": 40, "image_size": [32, 32, 32], "batch_size": 8},
-    "train": {"max_epochs": 60, "val_interval": 60, "num_val_cases": 1, "patches_per_case": 2, "batch_size": 2,
+    # No validation during training: the evaluation step samples the whole test split right after,
+    # and the final weights become model.pt.
+    "train": {"max_epochs": 60, "val_interval": 1000, "num_val_cases": 1, "patches_per_case": 2, "batch_size": 2,
               "learning_rate": 0.001, "num_workers": 0},
     "train_classifier": {"max_epochs": 30},
     "inference": {},

@@ -202,25 +202,28 @@ class BestModelSaver:
 
 
 class FinalWeightsSaver:
-    """At the end of training, write the weights to ``path`` if no validation has written a best model there.
+    """At the end of training, write the final weights to ``path`` unless validation saved a best model.
 
     A training whose ``val_interval`` exceeds its epochs never validates; without this it would end
-    with no ``model.pt`` for inference. Attach it to the trainer.
+    with no ``model.pt`` for inference (or a stale one from an earlier run). Attach it to the trainer.
 
     Args:
         network: the trained network (a DDP wrapper is unwrapped).
-        path: the model file the validation would have written, e.g. ``models/model.pt``.
+        path: the model file, e.g. ``models/model.pt``.
+        best_model: the validation's ``BestModelSaver``; its restored state tells whether it saved in this training.
     """
 
-    def __init__(self, network: torch.nn.Module, path: str | os.PathLike) -> None:
+    def __init__(self, network: torch.nn.Module, path: str | os.PathLike, best_model: BestModelSaver | None = None) -> None:
         self.network = network
         self.path = Path(path)
+        self.best_model = best_model
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        if self.path.is_file() or not _is_main_process():
+        validated = self.best_model is not None and self.best_model.best > -float("inf")
+        if validated or not _is_main_process():
             return
         save_weights(self.network, self.path)
-        logger.info(f"no validation wrote a best model: saved the final weights to {self.path}")
+        logger.info(f"no validation saved a best model: saved the final weights to {self.path}")

@@ -99,20 +99,24 @@ class _WindowNetwork:
     """
 
     def __init__(
-        self, network: Callable, timestep: int, context: torch.Tensor | None, autocast_dtype: torch.dtype | None
+        self, network: Callable, timestep: int, context: torch.Tensor | None, autocast_dtype: torch.dtype | None,
+        channels_last: bool = False,
     ) -> None:
         self.network = network
         self.timestep = timestep
         self.context = context
         self.autocast_dtype = autocast_dtype
+        self.channels_last = channels_last
 
     def __call__(self, windows: torch.Tensor) -> torch.Tensor:
         n = windows.shape[0]
         timesteps = torch.full((n,), self.timestep, device=windows.device, dtype=torch.long)
         context = None if self.context is None else self.context.expand(n, *self.context.shape[1:])
+        if self.channels_last:
+            windows = windows.contiguous(memory_format=torch.channels_last_3d)
         with torch.autocast(windows.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             out = self.network(windows, timesteps, context)
-        return out.to(windows.dtype)
+        return out.to(windows.dtype).contiguous()
 
 
 class DiffusionSamplingInferer(Inferer):
@@ -133,6 +137,9 @@ class DiffusionSamplingInferer(Inferer):
             sample; ``None`` uses the global random state.
         autocast_dtype: run the network under ``torch.autocast`` with this dtype (e.g.
             ``torch.bfloat16`` or ``"bfloat16"``); ``None`` runs it in the input's precision.
+        channels_last: pass the windows in ``channels_last_3d`` memory format (convert the network
+            with ``network.to(memory_format=torch.channels_last_3d)`` too); faster convolutions on
+            GPUs with tensor cores, same result up to rounding.
     """
 
     def __init__(
@@ -149,6 +156,7 @@ class DiffusionSamplingInferer(Inferer):
         progress: bool = False,
         seed: int | None = 0,
         autocast_dtype: torch.dtype | str | None = None,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if num_samples < 1:
@@ -172,6 +180,7 @@ class DiffusionSamplingInferer(Inferer):
         self.progress = progress
         self.seed = seed
         self.autocast_dtype = getattr(torch, autocast_dtype) if isinstance(autocast_dtype, str) else autocast_dtype
+        self.channels_last = channels_last
 
     def denoise(
         self, network: Callable, x_t: torch.Tensor, y0: torch.Tensor, timestep: int, context: torch.Tensor | None
@@ -185,7 +194,8 @@ class DiffusionSamplingInferer(Inferer):
             timestep: the step index given to the network.
             context: text features of this case (1, L, D) or ``None``.
         """
-        return self.window(torch.cat([x_t, y0], dim=1), _WindowNetwork(network, timestep, context, self.autocast_dtype))
+        window_network = _WindowNetwork(network, timestep, context, self.autocast_dtype, self.channels_last)
+        return self.window(torch.cat([x_t, y0], dim=1), window_network)
 
     @abstractmethod
     def sample_one(

@@ -319,19 +319,20 @@ def report_kappa(args: argparse.Namespace, kappa: dict) -> str:
     )
 
 
-def update_benchmarks(path: Path, subsections: dict[str, str], placeholders: dict[str, str]) -> None:
-    """Replace (or add) ``### `` subsections inside the ``## Diffusion`` section; keep everything else.
+def update_benchmarks(path: Path, subsections: dict[str, str], placeholders: dict[str, str], section: str = SECTION) -> None:
+    """Replace (or add) ``### `` subsections inside one ``## `` section; keep everything else.
 
     Args:
         path: the benchmarks page.
         subsections: title -> new content.
         placeholders: title -> content written only where that subsection does not exist yet.
+        section: the ``## `` heading line of the section.
     """
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
     lines = text.rstrip("\n").split("\n")
-    if SECTION not in lines:
-        lines += ["", SECTION, ""]
-    start = lines.index(SECTION)
+    if section not in lines:
+        lines += ["", section, ""]
+    start = lines.index(section)
     end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
     body = lines[start + 1 : end]
     parts: dict[str, list[str]] = {}

@@ -8,7 +8,9 @@ import pytest
 import torch
 from ignite.engine import Engine
 
-from custom.checkpoints import BestModelSaver, ResumableCheckpoint, atomic_torch_save, load_network_weights, safe_load
+from custom.checkpoints import (
+    BestModelSaver, FinalWeightsSaver, ResumableCheckpoint, atomic_torch_save, load_network_weights, safe_load,
+)
 
 
 def _trainer(model, opt, data):
@@ -103,3 +105,18 @@ def test_best_model_saver_keeps_the_best_and_survives_resume(tmp_path):
     engine.state.metrics = {"psnr": 24.0}
     restored(engine)
     assert safe_load(tmp_path / "model.pt")["bias"].item() == 2.0
+
+
+def test_final_weights_replace_a_stale_model_unless_validation_saved_one(tmp_path):
+    model = torch.nn.Linear(3, 1)
+    torch.save({"stale": torch.zeros(1)}, tmp_path / "model.pt")
+    best = BestModelSaver(model, tmp_path / "model.pt", metric_name="psnr")
+    engine = Engine(lambda e, b: None)
+    model.bias.data.fill_(5.0)
+    FinalWeightsSaver(model, tmp_path / "model.pt", best)(engine)  # no validation ran in this training
+    assert safe_load(tmp_path / "model.pt")["bias"].item() == 5.0
+    engine.state.metrics = {"psnr": 20.0}
+    best(engine)  # validation saved the bias-5 model; the final weights differ and must not replace it
+    model.bias.data.fill_(6.0)
+    FinalWeightsSaver(model, tmp_path / "model.pt", best)(engine)
+    assert safe_load(tmp_path / "model.pt")["bias"].item() == 5.0
