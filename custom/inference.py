@@ -18,6 +18,7 @@ from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
+from custom.classifier import pair_input
 from custom.constants import HU_WINDOW
 from custom.figures import save_comparison_figure
 from custom.io import check_output_dir, write_json, write_nifti
@@ -118,7 +119,7 @@ class ProgressionProbabilityd(MapTransform):
     """Probability of IPF progression from the diagnostic classifier on the (initial, generated) pair.
 
     Args:
-        classifier: the trained classifier (2 input channels, 2 classes), or ``None`` to skip.
+        classifier: the trained classifier (input of :func:`custom.classifier.pair_input`, 2 classes), or ``None``.
         image_key: key of the initial scan on the model grid.
         pred_key: key of the generated follow-up on the model grid.
         input_size: size the pair is resized to (the classifier's training size).
@@ -136,10 +137,9 @@ class ProgressionProbabilityd(MapTransform):
         if self.classifier is None:
             return d
         device = next(self.classifier.parameters()).device
-        pair = torch.cat([torch.as_tensor(d[self.image_key]).float().cpu(), torch.as_tensor(d[self.pred_key]).float().cpu()])
-        pair = torch.nn.functional.interpolate(pair[None], size=self.input_size, mode="area").to(device)
+        pair = pair_input(torch.as_tensor(d[self.image_key]).cpu(), torch.as_tensor(d[self.pred_key]).cpu(), self.input_size)
         self.classifier.eval()
-        d["progression_probability"] = float(torch.softmax(self.classifier(pair).float(), dim=1)[0, 1])
+        d["progression_probability"] = float(torch.softmax(self.classifier(pair[None].to(device)).float(), dim=1)[0, 1])
         return d
 
 

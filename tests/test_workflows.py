@@ -118,6 +118,19 @@ def test_classifier_trains_on_real_pairs_and_reports(prepared, tmp_path):
     assert (tmp_path / "classifier.pt").is_file()
 
 
+def test_classifier_input_carries_the_change_between_the_scans():
+    from custom.classifier import pair_input
+
+    initial = torch.zeros(1, 8, 8, 8)
+    followup = initial.clone()
+    followup[0, :4] = 0.5
+    pair = pair_input(initial, followup, (4, 4, 4))
+    assert pair.shape == (3, 4, 4, 4)
+    assert torch.allclose(pair[2], pair[1] - pair[0]) and float(pair[2, :2].min()) == 0.5 and float(pair[2, 2:].max()) == 0.0
+    with pytest.raises(ValueError, match="differ in shape"):
+        pair_input(initial, torch.zeros(1, 8, 8, 6), (4, 4, 4))
+
+
 @pytest.fixture(scope="module")
 def raw_case(tmp_path_factory):
     from custom.synthetic import generate_cohort
