@@ -57,7 +57,7 @@ class TextEncoder(nn.Module):
             try:
                 self.tokenizer = AutoTokenizer.from_pretrained(str(pretrained), local_files_only=True)
                 self.model = AutoModel.from_pretrained(str(pretrained), local_files_only=True)
-            except OSError as e:
+            except (OSError, ValueError) as e:  # a missing folder reaches the hub's repo-id check: ValueError
                 raise FileNotFoundError(
                     f"text encoder not found at {pretrained!r} (nothing is downloaded at run time). Train the "
                     "bundle's own with `python -m monai.bundle run --config_file configs/pretrain_clip.json`, or "

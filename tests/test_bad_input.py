@@ -273,6 +273,12 @@ def checkpoint_missing(patient, work):
     return lambda: load_network_weights(_tiny_net(), work / "model.pt")
 
 
+def text_encoder_missing(patient, work):
+    from custom.clip import FrozenTextEncoder
+
+    return lambda: FrozenTextEncoder(f"./{work.name}/text_encoder")
+
+
 def _datalist(work: Path, content: dict | str) -> Path:
     path = work / "datalist.json"
     path.write_text(content if isinstance(content, str) else json.dumps(content), encoding="utf-8")
@@ -352,6 +358,7 @@ BAD_INPUTS = [
     ("checkpoint with pickled code", checkpoint_pickled_code, ValueError, r"refusing to load .*model\.pt"),
     ("checkpoint truncated", checkpoint_truncated, ValueError, r"refusing to load .*model\.pt"),
     ("checkpoint missing", checkpoint_missing, FileNotFoundError, r"checkpoint not found: .*model\.pt"),
+    ("text encoder folder missing", text_encoder_missing, FileNotFoundError, r"text encoder not found at .*text_encoder.*pretrain_clip\.json"),
     ("datalist naming missing files", datalist_missing_files, FileNotFoundError, r"names files that do not exist: .*P1"),
     ("datalist not JSON", datalist_invalid_json, ValueError, r"datalist\.json is not valid JSON"),
     ("datalist without a test split", datalist_without_test_split, ValueError, r"has no 'testing' list"),

@@ -96,6 +96,16 @@ def test_every_ablation_trains_and_evaluates(prepared, tmp_path, ablation):
     assert all(np.isfinite(float(r["model_psnr_lung"])) for r in rows)
 
 
+def test_paper_scale_override_builds_the_paper_sized_network_and_windows(bundle_root):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(bundle_root / "configs" / f"{name}.json") for name in ("train", "paper_scale")])
+    network = parser.get_parsed_content("network_def")
+    assert sum(p.numel() for p in network.parameters()) == 15_122_436  # docs/benchmarks.md's default network
+    assert tuple(parser.get_parsed_content("inferer").window.roi_size) == (96, 96, 96) and parser["grid"] == [512, 512, 256]
+
+
 def test_evaluation_writes_per_case_csv_summary_and_predictions(prepared, tmp_path):
     out = tmp_path / "train"
     overrides = _train_overrides(prepared, out)

@@ -1,0 +1,161 @@
+"""How people outside the project meet the bundle: model-zoo checks, MONAI Label's way of driving it,
+the exported archive, the Python API and the command line. These use the shipped weights in models/."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser, verify_net_in_out
+
+from cirresdiff_bundle import predict_followup
+from cirresdiff_bundle.cli import main
+from cirresdiff_bundle.export import export_bundle
+
+RECORD = {"FVC": 2300, "Percent": 62.0, "Age": 71, "Sex": "Male", "SmokingStatus": "Ex-smoker"}
+SMALL = {"grid": [48, 48, 48], "sw_roi_size": [48, 48, 48]}
+
+
+@pytest.fixture(scope="module")
+def raw_case(tmp_path_factory):
+    from custom.synthetic import generate_cohort
+
+    cohort = tmp_path_factory.mktemp("cohort")
+    generate_cohort(cohort, n_patients=1, seed=4)
+    return cohort / "SYN0000" / "initial.nii.gz"
+
+
+def test_verify_net_in_out_with_timestep_and_text_context(bundle_root):
+    verify_net_in_out(
+        net_id="network_def", meta_file=str(bundle_root / "configs" / "metadata.json"),
+        config_file=str(bundle_root / "configs" / "inference.json"), device="cpu", n=1,
+        extra_forward_args={"timesteps": torch.tensor([7]), "context": torch.zeros(1, 64, 256)},
+    )
+
+
+def test_shipped_weights_load_safely_into_the_inference_network(bundle_root):
+    parser = ConfigParser()
+    parser.read_config(str(bundle_root / "configs" / "inference.json"))
+    network = parser.get_parsed_content("network_def")
+    state = torch.load(bundle_root / "models" / "model.pt", weights_only=True)
+    network.load_state_dict(state)
+    assert (bundle_root / "models" / "text_encoder" / "model.safetensors").is_file()
+
+
+def test_monai_label_style_inference_from_another_folder(bundle_root, raw_case, tmp_path, monkeypatch):
+    """What MONAI Label's bundle infer task does: parse keys, override bundle_root, load model.pt, call
+    ``inferer(image, network)`` with the image alone, then the post transforms."""
+    monkeypatch.chdir(tmp_path)
+    parser = ConfigParser()
+    parser.read_config(str(bundle_root / "configs" / "inference.json"))
+    parser.update({"bundle_root": str(bundle_root), **SMALL})
+    device = parser.get_parsed_content("device")
+    network = parser.get_parsed_content("network_def").to(device)
+    network.load_state_dict(torch.load(bundle_root / "models" / "model.pt", weights_only=True))
+    pre, inferer, post = (parser.get_parsed_content(k) for k in ("preprocessing", "inferer", "postprocessing"))
+    data = pre({"image": str(raw_case)})
+    pred = inferer(data["image"][None].to(device), network)
+    data["pred"] = pred[0]
+    data = post(data)
+    initial = nib.load(str(raw_case))
+    assert tuple(data["pred"].shape[1:]) == initial.shape
+    assert np.allclose(np.asarray(data["pred"].affine), initial.affine)
+    # the record-less text was used: every field "not measured"
+    assert inferer.default_text.count("not measured") == 7
+
+
+def test_monai_label_style_training_overrides(bundle_root, tmp_path):
+    """MONAI Label's train task: run id ``run`` with these overrides of train.json."""
+    from monai.bundle import run
+
+    prepared = tmp_path / "prepared"
+    cases = []
+    for i in range(3):
+        (prepared / f"C{i}").mkdir(parents=True)
+        mask = np.zeros((32, 32, 32), np.uint8)
+        mask[6:26, 6:26, 6:26] = 1
+        image = (np.random.default_rng(i).random((32, 32, 32)) * 0.3).astype(np.float32)
+        for name, array in (("image", image), ("target", image + 0.05), ("mask", mask)):
+            nib.save(nib.Nifti1Image(array, np.eye(4)), str(prepared / f"C{i}" / f"{name}.nii.gz"))
+        cases.append({"patient": f"C{i}", **{k: str(prepared / f"C{i}" / f"{k}.nii.gz") for k in ("image", "target", "mask")},
+                      "record": RECORD})
+    (prepared / "datalist.json").write_text(json.dumps({"training": [], "testing": []}), encoding="utf-8")
+    run(
+        "run", config_file=str(bundle_root / "configs" / "train.json"), bundle_root=str(bundle_root),
+        dataset_dir=str(prepared), output_dir=str(tmp_path / "out"), model_path=str(tmp_path / "out" / "model.pt"),
+        **{"train#trainer#max_epochs": 1, "train#dataset#data": cases[:2], "validate#dataset#data": cases[2:],
+           "train#handlers": ["@train#checkpoint", {"_target_": "StatsHandler", "output_transform": "@loss_output"}],
+           "num_workers": 0, "roi_size": [32, 32, 32]},
+    )
+    state = torch.load(tmp_path / "out" / "last.pt", weights_only=True)
+    assert state["trainer"] == {"epoch": 1, "iteration": 1}
+
+
+def test_predict_followup_api_on_a_file_and_on_an_array(raw_case, tmp_path):
+    result = predict_followup(raw_case, RECORD, output_dir=tmp_path / "out", **SMALL)[0]
+    initial = nib.load(str(raw_case))
+    assert result["followup"].shape == initial.shape and np.allclose(result["affine"], initial.affine)
+    assert np.allclose(result["change"], result["followup"] - np.asarray(initial.dataobj), atol=1e-3)
+    assert 0.0 <= result["progression_probability"] <= 1.0
+    assert (tmp_path / "out" / "SYN0000" / "figure.png").is_file()
+    again = predict_followup(np.asarray(initial.dataobj), RECORD, affine=initial.affine, **SMALL)[0]
+    assert np.allclose(again["followup"], result["followup"], atol=1e-3)  # same seed, same input, same output
+
+
+def test_cli_predict_and_exit_codes(raw_case, tmp_path, capsys):
+    with pytest.raises(SystemExit) as missing:
+        main(["predict", "--input", str(tmp_path / "missing.nii.gz")])
+    assert missing.value.code == 2 and "missing.nii.gz" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as bad_record:
+        main(["predict", "--input", str(raw_case), "--record", json.dumps({"FVC": -3}), "--grid", "[48,48,48]"])
+    assert bad_record.value.code == 2 and "FVC" in capsys.readouterr().err
+    help_text = subprocess.run([sys.executable, "-m", "cirresdiff_bundle.cli", "--help"], capture_output=True, encoding="utf-8", errors="replace",
+                               env={**os.environ, "PAGER": "cat"})
+    assert help_text.returncode == 0 and "predict" in help_text.stdout + help_text.stderr
+
+
+def test_exported_archive_runs_inference_from_an_empty_folder(bundle_root, raw_case, tmp_path):
+    archive = export_bundle(tmp_path / "bundle.zip")
+    with zipfile.ZipFile(archive) as z:
+        names = z.namelist()
+        assert "cirresdiff_ipf/configs/inference.json" in names and "cirresdiff_ipf/models/model.pt" in names
+        assert not any("/tests/" in n or "__pycache__" in n for n in names)
+        z.extractall(tmp_path / "unpacked")
+    folder = tmp_path / "unpacked" / "cirresdiff_ipf"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--input",
+           str(raw_case), "--output_dir", str(tmp_path / "out"), "--grid", "[48,48,48]", "--sw_roi_size", "[48,48,48]"]
+    result = subprocess.run(cmd, cwd=folder, capture_output=True, encoding="utf-8", errors="replace", timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "out" / "SYN0000" / "followup.nii.gz").is_file()
+
+
+def test_exported_program_runs_without_this_repository(bundle_root, tmp_path):
+    """The ``torch.export`` program (the TorchScript alternative) is traced for one window of ``sw_roi_size``."""
+    from cirresdiff_bundle.export import export_program
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle_root / "configs" / "inference.json"))
+    window = tuple(parser["sw_roi_size"])
+    path = export_program(tmp_path / "denoiser.pt2")
+    code = ("import sys, torch; p = torch.export.load(sys.argv[1]).module(); "
+            f"out = p(torch.full((1, 2, *{window}), 0.3), torch.tensor([7]), torch.zeros(1, 64, 256)); "
+            "print(tuple(out.shape), float(out.mean()))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", code, str(path)], cwd=tmp_path, capture_output=True, encoding="utf-8", errors="replace",
+                            timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    shape, mean = result.stdout.split(") ")
+    assert shape + ")" == str((1, 1, *window))
+    network = parser.get_parsed_content("network_def")
+    network.load_state_dict(torch.load(bundle_root / "models" / "model.pt", weights_only=True))
+    with torch.no_grad():
+        expected = network.eval()(torch.full((1, 2, *window), 0.3), torch.tensor([7]), torch.zeros(1, 64, 256))
+    assert abs(float(mean) - float(expected.mean())) < 1e-4
