@@ -44,7 +44,7 @@ class TextEncoder(nn.Module):
     def __init__(self, pretrained: str | os.PathLike | None = None, hidden_size: int = 256, num_layers: int = 2,
                  num_heads: int = 4, max_length: int = 64) -> None:
         super().__init__()
-        from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
+        from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel
 
         self.max_length = max_length
         if pretrained is None:
@@ -56,7 +56,10 @@ class TextEncoder(nn.Module):
         else:
             try:
                 self.tokenizer = AutoTokenizer.from_pretrained(str(pretrained), local_files_only=True)
-                self.model = AutoModel.from_pretrained(str(pretrained), local_files_only=True)
+                config = AutoConfig.from_pretrained(str(pretrained), local_files_only=True)
+                # Only token features are used: a BERT's pooler would be loaded "newly initialized".
+                extra = {"add_pooling_layer": False} if config.model_type == "bert" else {}
+                self.model = AutoModel.from_pretrained(str(pretrained), local_files_only=True, **extra)
             except (OSError, ValueError) as e:  # a missing folder reaches the hub's repo-id check: ValueError
                 raise FileNotFoundError(
                     f"text encoder not found at {pretrained!r} (nothing is downloaded at run time). Train the "
