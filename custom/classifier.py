@@ -3,9 +3,10 @@
 A ResNet sees the (initial, follow-up) pair, plus their difference, as three channels and predicts
 progression (relative FVC decline >= 10 %). The difference channel is given rather than learnt
 because a training split of a few dozen pairs is too small to learn an exact subtraction, and the
-change between the scans is the whole signal. It is trained on real pairs of training patients and then applied to the
-real test pairs and to (initial, generated follow-up) pairs: if the generated scans carry the
-progression signal, the classifier's accuracy and ROC AUC on them approach those on real pairs.
+change between the scans is the whole signal. It is trained on real pairs of training patients
+and then applied to the real test pairs and to (initial, generated follow-up) pairs: if the
+generated scans carry the progression signal, the classifier's accuracy and ROC AUC on them
+approach those on real pairs.
 """
 
 from __future__ import annotations

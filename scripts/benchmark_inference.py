@@ -172,12 +172,12 @@ def training_throughput(args: argparse.Namespace, world: int) -> float:
     return world * args.train_batch * args.train_steps / max(results.values())
 
 
-def report(args: argparse.Namespace, device: torch.device, source: str, flops: int, runs: dict, profile_table: str,
-           training: dict[int, float]) -> str:
+def report(args: argparse.Namespace, device: torch.device, machine: str, source: str, flops: int, runs: dict,
+           profile_table: str, training: dict[int, float]) -> str:
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
     memory = "CUDA peak allocated" if device.type == "cuda" else "process max RSS, includes the interpreter"
     lines = [
-        f"Machine: {machine_name(device)}; precision {args.amp}. Command: `python scripts/benchmark_inference.py "
+        f"Machine: {machine}; precision {'fp32' if args.amp == 'none' else 'bf16 autocast'}. Command: `python scripts/benchmark_inference.py "
         f"{' '.join(sys.argv[1:])}`.",
         "",
         f"Network of `configs/inference.json` ({sum(p.numel() for p in build_network(torch.device('cpu'), False)[0].parameters()):,} "
@@ -227,6 +227,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args()
     device = torch.device(args.device)
+    machine = machine_name(device)  # before the training runs change the thread count
     network, source = build_network(device, load_weights=True)
     flops = flops_per_window(network, args.roi, device)
     runs = {}
@@ -243,7 +244,7 @@ def main() -> None:
     training = {world: training_throughput(args, world) for world in worlds}
     print(training, flush=True)
     title = f"Whole-volume prediction and training ({'GPU' if device.type == 'cuda' else 'CPU'})"
-    update_benchmarks(args.output, {title: report(args, device, source, flops, runs, profile_table, training)}, {},
+    update_benchmarks(args.output, {title: report(args, device, machine, source, flops, runs, profile_table, training)}, {},
                       section=SECTION)
     print(f"wrote {args.output}")
 
