@@ -14,7 +14,7 @@ Measures, with the network of ``configs/inference.json`` (the shipped weights wh
 
 CPU (what docs/benchmarks.md reports): ``python scripts/benchmark_inference.py``.
 GPU: ``python scripts/benchmark_inference.py --device cuda --amp bf16 --grid 512 512 256 --roi 96 --sw-batch 4 8
---channels-last --compile``.
+--channels-last --compile --paper-scale``.
 """
 
 from __future__ import annotations
@@ -46,15 +46,21 @@ BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 CONTEXT_TOKENS, CONTEXT_DIM = 64, 256
 
 
-def build_network(device: torch.device, load_weights: bool) -> tuple[torch.nn.Module, str]:
-    """The inference config's denoiser, with the shipped weights when they exist."""
+def build_network(device: torch.device, load_weights: bool, paper_scale: bool = False) -> tuple[torch.nn.Module, str]:
+    """The inference config's denoiser, with the shipped weights when they exist.
+
+    Args:
+        device: where the network goes.
+        load_weights: load ``models/model.pt`` (the shipped, demo-size network only).
+        paper_scale: the network of ``configs/paper_scale.json`` instead (randomly initialised).
+    """
     parser = ConfigParser()
-    parser.read_config(str(ROOT / "configs" / "inference.json"))
+    parser.read_config([str(ROOT / "configs" / name) for name in ("inference.json", "paper_scale.json")[: 1 + paper_scale]])
     parser.update({"bundle_root": str(ROOT)})
     network = parser.get_parsed_content("network_def")
     weights = ROOT / "models" / "model.pt"
     source = "random initialisation"
-    if load_weights and weights.is_file():
+    if load_weights and not paper_scale and weights.is_file():
         network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         source = "models/model.pt"
     return network.to(device).eval(), source
@@ -133,7 +139,7 @@ def _train_steps(rank: int, world: int, args: argparse.Namespace, port: int, res
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
-    network, _ = build_network(device, load_weights=False)
+    network, _ = build_network(device, load_weights=False, paper_scale=args.paper_scale)
     network.train()
     model = torch.nn.parallel.DistributedDataParallel(network) if world > 1 else network
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -180,7 +186,8 @@ def report(args: argparse.Namespace, device: torch.device, machine: str, source:
         f"Machine: {machine}; precision {'fp32' if args.amp == 'none' else 'bf16 autocast'}. Command: `python scripts/benchmark_inference.py "
         f"{' '.join(sys.argv[1:])}`.",
         "",
-        f"Network of `configs/inference.json` ({sum(p.numel() for p in build_network(torch.device('cpu'), False)[0].parameters()):,} "
+        f"Network of `configs/{'paper_scale' if args.paper_scale else 'inference'}.json` "
+        f"({sum(p.numel() for p in build_network(torch.device('cpu'), False, args.paper_scale)[0].parameters()):,} "
         f"parameters, {source}); grid {'x'.join(map(str, args.grid))}, windows {args.roi}^3, overlap {args.overlap}, "
         f"T = 15 reverse steps, one sample. Denoiser cost: **{flops / 1e9:.2f} GFLOP per window** (multiply-add = 2).",
         "",
@@ -220,6 +227,7 @@ def main() -> None:
     parser.add_argument("--sw-batch", type=int, nargs="+", default=[4], help="window batch sizes to compare")
     parser.add_argument("--channels-last", action="store_true", help="also time channels_last_3d")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
+    parser.add_argument("--paper-scale", action="store_true", help="time the network of configs/paper_scale.json (15.1 M)")
     parser.add_argument("--train-patch", type=int, default=32)
     parser.add_argument("--train-batch", type=int, default=2)
     parser.add_argument("--train-steps", type=int, default=10)
@@ -228,7 +236,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     machine = machine_name(device)  # before the training runs change the thread count
-    network, source = build_network(device, load_weights=True)
+    network, source = build_network(device, load_weights=True, paper_scale=args.paper_scale)
     flops = flops_per_window(network, args.roi, device)
     runs = {}
     for sw_batch in args.sw_batch:
