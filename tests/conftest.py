@@ -29,3 +29,13 @@ def schema_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     target = tmp_path_factory.mktemp("schema") / SCHEMA_NAME
     target.write_bytes(source.read_bytes())
     return target
+
+
+@pytest.fixture(scope="session")
+def raw_case(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One synthetic patient's raw initial CT (NIfTI, HU, its own spacing), as a user would bring it."""
+    from custom.synthetic import generate_cohort
+
+    cohort = tmp_path_factory.mktemp("cohort")
+    generate_cohort(cohort, n_patients=1, seed=2)
+    return cohort / "SYN0000" / "initial.nii.gz"

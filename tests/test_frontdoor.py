@@ -23,15 +23,6 @@ RECORD = {"FVC": 2300, "Percent": 62.0, "Age": 71, "Sex": "Male", "SmokingStatus
 SMALL = {"grid": [48, 48, 48], "sw_roi_size": [48, 48, 48]}
 
 
-@pytest.fixture(scope="module")
-def raw_case(tmp_path_factory):
-    from custom.synthetic import generate_cohort
-
-    cohort = tmp_path_factory.mktemp("cohort")
-    generate_cohort(cohort, n_patients=1, seed=4)
-    return cohort / "SYN0000" / "initial.nii.gz"
-
-
 def test_verify_net_in_out_with_timestep_and_text_context(bundle_root):
     verify_net_in_out(
         net_id="network_def", meta_file=str(bundle_root / "configs" / "metadata.json"),

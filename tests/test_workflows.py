@@ -141,15 +141,6 @@ def test_classifier_input_carries_the_change_between_the_scans():
         pair_input(initial, torch.zeros(1, 8, 8, 6), (4, 4, 4))
 
 
-@pytest.fixture(scope="module")
-def raw_case(tmp_path_factory):
-    from custom.synthetic import generate_cohort
-
-    cohort = tmp_path_factory.mktemp("cohort")
-    generate_cohort(cohort, n_patients=1, seed=2)
-    return cohort / "SYN0000" / "initial.nii.gz"
-
-
 def test_inference_writes_followup_change_uncertainty_and_figure(prepared, raw_case, tmp_path):
     out = tmp_path / "train"
     run_config(["train"], **_train_overrides(prepared, out))
