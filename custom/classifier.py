@@ -62,6 +62,16 @@ class PairInputd(MapTransform):
         return d
 
 
+def progression_classifier() -> torch.nn.Module:
+    """The diagnostic classifier of ``train_classifier.json`` and ``inference.json`` (one definition,
+    so the weights one trains always load in the other): a one-block-per-stage 3D ResNet on the
+    :func:`pair_input` channels, group norm (batches of a few pairs), two classes, 0.9 M parameters."""
+    from monai.networks.nets import ResNet
+
+    return ResNet(block="basic", layers=[1, 1, 1, 1], block_inplanes=[16, 32, 64, 128], spatial_dims=3,
+                  n_input_channels=3, num_classes=2, norm=("group", {"num_groups": 8}))
+
+
 def pair_cases(split: DatasetSplit, section: str, generated_dir: str | os.PathLike | None = None) -> list[dict]:
     """Classifier inputs ``{"initial", "followup", "label", "patient"}`` for one split.
 
