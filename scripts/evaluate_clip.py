@@ -4,11 +4,15 @@
 
 - text-to-image retrieval on patients never seen in pre-training (the test split, or with
   ``--all-cases`` every case of another prepared cohort, e.g. a new seed): for each record's text,
-  the rank of its own patient's image among all those images; top-1 and top-5 accuracy against
-  chance (1/N and 5/N) and the median rank;
+  the rank of its own patient's image among all those images; top-1 and top-5 accuracy and the
+  median rank against chance, and permutation p-values against random pairings
+  (``custom.clip.retrieval_report``);
 - number sensitivity: cosine distance between the text embeddings of records that differ only in
   FVC (2000 vs 3000 ml) or only in % predicted (50 vs 90), for the untrained encoder and the
   pre-trained one (a general text encoder barely separates them; pre-training must).
+
+Images and texts go through ``configs/pretrain_clip.json``'s deterministic ``preprocessing`` and
+the models are its ``network_def``, so the evaluation sees what pre-training saw.
 """
 
 from __future__ import annotations
@@ -23,20 +27,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from custom.clip import CLIPModel, TextEncoder  # noqa: E402
+from cirresdiff_bundle.runner import BUNDLE_ROOT  # noqa: E402
+from custom.clip import CLIPModel, retrieval_report  # noqa: E402
 from custom.data import DatasetSplit  # noqa: E402
+from custom.io import write_json  # noqa: E402
 from custom.text import record_to_text  # noqa: E402
 
 BASE = {"FVC": 2500, "Percent": 70, "Age": 70, "Sex": "Male", "SmokingStatus": "Ex-smoker", "DLCO": 55}
-
-
-def load_images(cases: list[dict], size: list[int]) -> torch.Tensor:
-    """The cases' initial scans, downsampled as in pre-training."""
-    from monai.transforms import Compose, EnsureTyped, LoadImaged, Resized
-
-    load = Compose([LoadImaged("image", ensure_channel_first=True, image_only=True),
-                    Resized("image", spatial_size=size, mode="area"), EnsureTyped("image", dtype=torch.float32)])
-    return torch.stack([load({"image": c["image"]})["image"] for c in cases])
 
 
 def number_distances(model: CLIPModel) -> dict[str, float]:
@@ -51,40 +48,47 @@ def number_distances(model: CLIPModel) -> dict[str, float]:
     return out
 
 
-def retrieval(model: CLIPModel, cases: list[dict], size: list[int]) -> dict[str, float]:
-    """Top-1 and top-5 text-to-image retrieval accuracy and their chance levels."""
+def retrieval(model: CLIPModel, items: list[dict]) -> dict[str, float]:
+    """Text-to-image retrieval of the preprocessed ``items`` (``image`` and ``text`` each)."""
     with torch.no_grad():
-        images = model.embed_image(load_images(cases, size))
-        texts = model.embed_text([record_to_text(c["record"]) for c in cases])
-    order = (texts @ images.t()).argsort(dim=1, descending=True)
-    n = len(cases)
-    rank = (order == torch.arange(n)[:, None]).float().argmax(dim=1) + 1
-    return {"cases": n, "top1": float((rank <= 1).float().mean()), "top1_chance": 1 / n,
-            "top5": float((rank <= 5).float().mean()), "top5_chance": min(5 / n, 1.0),
-            "median_rank": float(rank.float().median()), "median_rank_chance": (n + 1) / 2}
+        images = model.embed_image(torch.stack([item["image"] for item in items]))
+        texts = model.embed_text([item["text"] for item in items])
+    return retrieval_report(texts @ images.t())
 
 
 def main() -> None:
+    from monai.bundle import ConfigParser
+    from monai.transforms import Compose
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", type=Path, required=True, help="prepared dataset folder")
     parser.add_argument("--checkpoint", type=Path, required=True, help="pretrain_clip.json's last.pt")
     parser.add_argument("--all-cases", action="store_true",
                         help="use every case of the datalist (a cohort none of whose patients was in pre-training)")
-    parser.add_argument("--image-size", type=int, nargs=3, default=[48, 48, 48],
-                        help="image_size of the pre-training (configs/pretrain_clip.json; the demo uses 32)")
-    parser.add_argument("--embed-dim", type=int, default=128)
+    parser.add_argument("--image-size", type=int, nargs=3, default=None,
+                        help="image_size of the pre-training if it was overridden (the demo uses 32 32 32)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the report to this JSON file")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    untrained = CLIPModel(TextEncoder(), embed_dim=args.embed_dim).eval()
-    trained = CLIPModel(TextEncoder(), embed_dim=args.embed_dim).eval()
-    trained.load_state_dict(torch.load(args.checkpoint, weights_only=True)["network"])
+    config = ConfigParser()
+    config.read_config(str(BUNDLE_ROOT / "configs" / "pretrain_clip.json"))
+    config["bundle_root"] = str(BUNDLE_ROOT)
+    if args.image_size:
+        config["image_size"] = args.image_size
     split = DatasetSplit(args.dataset / "datalist.json", val_fold=None)
     cases = split.training() + split.testing() if args.all_cases else split.testing()
-    report = {"retrieval_trained": retrieval(trained, cases, args.image_size),
-              "retrieval_untrained": retrieval(untrained, cases, args.image_size),
+    preprocessing = Compose(config.get_parsed_content("preprocessing", instantiate=True))
+    items = [preprocessing(case) for case in cases]
+    torch.manual_seed(0)
+    untrained = config.get_parsed_content("network_def", instantiate=True).eval()
+    trained = config.get_parsed_content("network_def", instantiate=True, lazy=False).eval()
+    trained.load_state_dict(torch.load(args.checkpoint, weights_only=True)["network"])
+    report = {"retrieval_trained": retrieval(trained, items),
+              "retrieval_untrained": retrieval(untrained, items),
               "cosine_distance_untrained": number_distances(untrained),
               "cosine_distance_trained": number_distances(trained)}
     print(json.dumps(report, indent=2))
+    if args.out:
+        write_json(args.out, report)
 
 
 if __name__ == "__main__":

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
-from custom.clip import CLIPModel, FrozenTextEncoder, SymmetricContrastiveLoss, TextEncoder, pretraining_cases
+from cirresdiff_bundle.runner import BUNDLE_ROOT
+from custom.clip import (
+    BatchNormRecalibration,
+    CLIPModel,
+    FrozenTextEncoder,
+    SymmetricContrastiveLoss,
+    TextEncoder,
+    pretraining_cases,
+    retrieval_report,
+)
 from custom.data import DatasetSplit
 from custom.fusion import build_fusion
 from custom.networks import AttentionDiffusionUNet
@@ -72,6 +83,38 @@ def test_clip_loss_decreases_on_a_small_cohort():
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
 
 
+def test_retrieval_ranks_chance_levels_and_permutation_p_values():
+    # Own image ranked 1st, 2nd, 3rd and 4th for texts 0-3 (rows: texts, columns: images).
+    similarity = torch.tensor([[0.9, 0.1, 0.2, 0.3], [0.1, 0.8, 0.9, 0.0], [0.5, 0.6, 0.4, 0.0], [0.7, 0.6, 0.5, 0.1]])
+    report = retrieval_report(similarity, permutations=200)
+    assert report["top1"] == 0.25 and report["top5"] == 1.0 and report["mean_rank"] == 2.5
+    assert report["median_rank"] == 2.0 and report["median_rank_chance"] == 2.5 and report["top1_chance"] == 0.25
+    assert report["p_value_top5"] == 1.0  # with 4 candidates every pairing has all ranks <= 5
+
+    g = torch.Generator().manual_seed(0)
+    aligned = retrieval_report(torch.eye(40) + 0.5 * torch.rand(40, 40, generator=g), permutations=1000)
+    assert aligned["top1"] == 1.0 and aligned["p_value_mean_rank"] == aligned["p_value_top5"] == 1 / 1001
+    reversed_ = retrieval_report(-torch.eye(40), permutations=1000)
+    assert reversed_["top5"] == 0.0 and reversed_["median_rank"] == 40 and reversed_["p_value_mean_rank"] == 1.0
+    with pytest.raises(ValueError, match="square"):
+        retrieval_report(torch.rand(3, 4))
+
+
+def test_batch_norm_recalibration_uses_the_clean_data_of_the_final_weights():
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).eval()
+    with torch.no_grad():
+        module.train()(5.0 + torch.randn(64, 3))  # statistics of other (augmented) data
+    module.eval()
+    clean = [{"image": torch.randn(16, 3)} for _ in range(4)]
+    BatchNormRecalibration(module, clean)()
+    with torch.no_grad():
+        features = module[0](torch.cat([b["image"] for b in clean]))
+    bn = module[1]
+    assert torch.allclose(bn.running_mean, features.mean(0), atol=1e-5)
+    assert bn.momentum == 0.1 and not module.training and int(bn.num_batches_tracked) == 4
+
+
 def test_leakage_guard_refuses_a_test_patient_in_pretraining(tmp_path):
     entries = {"training": [{"patient": "A", "fold": 0}, {"patient": "T", "fold": 1}], "testing": [{"patient": "T"}]}
     (tmp_path / "datalist.json").write_text(json.dumps(entries), encoding="utf-8")
@@ -118,7 +161,8 @@ def test_pretrain_config_writes_a_reloadable_text_encoder(tmp_path):
         (tmp_path / f"P{i}").mkdir()
         image = _images_for([rec], g)[0, 0].numpy()
         nib.save(nib.Nifti1Image(image, np.eye(4)), str(tmp_path / f"P{i}" / "image.nii.gz"))
-        entry = {"patient": f"P{i}", "image": f"P{i}/image.nii.gz", "record": rec}
+        nib.save(nib.Nifti1Image(np.ones_like(image), np.eye(4)), str(tmp_path / f"P{i}" / "mask.nii.gz"))
+        entry = {"patient": f"P{i}", "image": f"P{i}/image.nii.gz", "mask": f"P{i}/mask.nii.gz", "record": rec}
         (entries["training"] if i < 5 else entries["testing"]).append({**entry, "fold": i % 5})
     (tmp_path / "datalist.json").write_text(json.dumps(entries), encoding="utf-8")
     run_config(["pretrain_clip"], dataset_dir=str(tmp_path), ckpt_dir=str(tmp_path / "models"),
@@ -128,3 +172,12 @@ def test_pretrain_config_writes_a_reloadable_text_encoder(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     out = model(**tokenizer([record_to_text(RECORD)], return_tensors="pt")).last_hidden_state
     assert out.shape[-1] == model.config.hidden_size
+
+    report_path = tmp_path / "clip_eval.json"
+    subprocess.run([sys.executable, str(BUNDLE_ROOT / "scripts" / "evaluate_clip.py"), "--dataset", str(tmp_path),
+                    "--checkpoint", str(tmp_path / "runs" / "last.pt"), "--all-cases", "--image-size", "16", "16", "16",
+                    "--out", str(report_path)], check=True, capture_output=True, timeout=300)
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    trained = report["retrieval_trained"]
+    assert trained["cases"] == 6 and trained["top5_chance"] == 5 / 6 and 0 < trained["p_value_mean_rank"] <= 1
+    assert set(report["cosine_distance_trained"]) == {"FVC 2000 vs 3000 ml", "Percent 50 vs 90"}
