@@ -218,8 +218,8 @@ class BatchNormRecalibration:
     The running statistics batch norm uses at evaluation are an exponential average over the
     last augmented training batches of a network still changing; "precise BN" (Wu and Johnson,
     "Rethinking 'Batch' in BatchNorm", 2021, Sec. 3) replaces them by the exact population
-    statistics of the final weights. On the held-out retrieval of pre-training it removed most of
-    the epoch-to-epoch swings of the evaluated image encoder (docs/clinical_text.md).
+    statistics of the final weights. In pre-training it narrowed the epoch-to-epoch swings of
+    held-out retrieval (median rank 9-15 instead of 11-19 over epochs 20-45; docs/clinical_text.md).
 
     Attach it to the trainer before the checkpoint handler, so the final save holds the new statistics.
 
