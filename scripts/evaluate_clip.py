@@ -8,8 +8,8 @@
   median rank against chance, and permutation p-values against random pairings
   (``custom.clip.retrieval_report``);
 - number sensitivity: cosine distance between the text embeddings of records that differ only in
-  FVC (2000 vs 3000 ml) or only in % predicted (50 vs 90), for the untrained encoder and the
-  pre-trained one (a general text encoder barely separates them; pre-training must);
+  FVC (2000 vs 3000 ml), % predicted (50 vs 90) or DLCO (30 vs 80 %), for the untrained encoder
+  and the pre-trained one (a general text encoder barely separates them; pre-training must);
 - a reference: the retrieval a hand-made lesion-density model of the cohort reaches
   (``reference_retrieval``), to read the learnt figures against what the data allow.
 
@@ -43,7 +43,8 @@ BASE = {"FVC": 2500, "Percent": 70, "Age": 70, "Sex": "Male", "SmokingStatus": "
 def number_distances(model: CLIPModel) -> dict[str, float]:
     """Cosine distances of text embeddings for records differing in one number only."""
     pairs = {"FVC 2000 vs 3000 ml": ({**BASE, "FVC": 2000}, {**BASE, "FVC": 3000}),
-             "Percent 50 vs 90": ({**BASE, "Percent": 50}, {**BASE, "Percent": 90})}
+             "Percent 50 vs 90": ({**BASE, "Percent": 50}, {**BASE, "Percent": 90}),
+             "DLCO 30 vs 80": ({**BASE, "DLCO": 30}, {**BASE, "DLCO": 80})}
     out = {}
     with torch.no_grad():
         for name, (a, b) in pairs.items():

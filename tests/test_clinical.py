@@ -180,4 +180,4 @@ def test_pretrain_config_writes_a_reloadable_text_encoder(tmp_path):
     report = json.loads(report_path.read_text(encoding="utf-8"))
     trained = report["retrieval_trained"]
     assert trained["cases"] == 6 and trained["top5_chance"] == 5 / 6 and 0 < trained["p_value_mean_rank"] <= 1
-    assert set(report["cosine_distance_trained"]) == {"FVC 2000 vs 3000 ml", "Percent 50 vs 90"}
+    assert set(report["cosine_distance_trained"]) == {"FVC 2000 vs 3000 ml", "Percent 50 vs 90", "DLCO 30 vs 80"}
