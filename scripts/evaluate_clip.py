@@ -20,6 +20,7 @@ the models are its ``network_def``, so the evaluation sees what pre-training saw
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -108,7 +109,7 @@ def main() -> None:
     items = [preprocessing(case) for case in cases]
     torch.manual_seed(0)
     untrained = config.get_parsed_content("network_def", instantiate=True).eval()
-    trained = config.get_parsed_content("network_def", instantiate=True, lazy=False).eval()
+    trained = copy.deepcopy(untrained)
     trained.load_state_dict(torch.load(args.checkpoint, weights_only=True)["network"])
     report = {"retrieval_trained": retrieval(trained, items),
               "retrieval_untrained": retrieval(untrained, items),
