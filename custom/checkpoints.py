@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 
-from custom.io import check_output_dir
+from custom.io import atomic_write_bytes, check_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -166,64 +166,91 @@ class ResumableCheckpoint:
 
 
 class BestModelSaver:
-    """Write the network's weights when the evaluator's key metric improves (atomic, rank 0 only).
+    """Write the network's weights when the evaluator's key metric improves and clears a bar (atomic, rank 0 only).
 
-    Attach it to the validation evaluator.
+    Attach it to the validation evaluator. With ``min_score`` (e.g. 0 for the paired lung-PSNR
+    gain over identity) a model that does not beat the bar is never written: ``model.pt`` keeps
+    what it held, and ``FinalValidation`` says so at the end of training.
 
     Args:
         network: the network whose weights are saved (a DDP wrapper is unwrapped).
         path: destination file, e.g. ``models/model.pt``.
         metric_name: key of ``engine.state.metrics`` to maximise; ``None`` uses the evaluator's key metric.
+        min_score: the score a model must exceed to be written; ``None`` writes every improvement.
     """
 
-    def __init__(self, network: torch.nn.Module, path: str | os.PathLike, metric_name: str | None = None) -> None:
+    def __init__(self, network: torch.nn.Module, path: str | os.PathLike, metric_name: str | None = None,
+                 min_score: float | None = None) -> None:
         self.network = network
         self.path = Path(path)
         self.metric_name = metric_name
+        self.min_score = min_score
         self.best = -float("inf")
+        self.saved = False
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def state_dict(self) -> dict:
-        """The best score so far, so that a resumed training does not overwrite a better model."""
-        return {"best": self.best}
+        """The best score so far and whether it was written, so that a resumed training keeps both."""
+        return {"best": self.best, "saved": self.saved}
 
     def load_state_dict(self, state: Mapping) -> None:
         self.best = float(state["best"])
+        self.saved = bool(state.get("saved", self.best > -float("inf")))
 
     def __call__(self, engine: Engine) -> None:
         name = self.metric_name or engine.state.key_metric_name
         value = float(engine.state.metrics[name])
-        if value > self.best and _is_main_process():
-            self.best = value
+        if value <= self.best:
+            return
+        self.best = value
+        if self.min_score is not None and value <= self.min_score:
+            logger.warning(f"{name} = {value:.4f} does not exceed {self.min_score}: {self.path} not written")
+            return
+        self.saved = True
+        if _is_main_process():
             atomic_torch_save(unwrap(self.network).state_dict(), self.path)
             logger.info(f"saved {self.path} ({name} = {value:.4f})")
 
 
-class FinalWeightsSaver:
-    """At the end of training, write the final weights to ``path`` unless validation saved a best model.
+class FinalValidation:
+    """At the end of training, make sure the final model was validated, and say plainly when none beat the bar.
 
-    A training whose ``val_interval`` exceeds its epochs never validates; without this it would end
-    with no ``model.pt`` for inference (or a stale one from an earlier run). Attach it to the trainer.
+    A training whose validation interval exceeds its length would otherwise end unvalidated; this
+    runs the validator once at completion when it never ran in this training, so the
+    ``BestModelSaver`` (and its ``min_score`` gate) decides about ``model.pt`` in every run. When
+    no validated model cleared the bar, ``model.pt`` is left as it was and an error is logged and
+    written to ``report_path``. Attach it to the trainer.
 
     Args:
-        network: the trained network (a DDP wrapper is unwrapped).
-        path: the model file, e.g. ``models/model.pt``.
-        best_model: the validation's ``BestModelSaver``; its restored state tells whether it saved in this training.
+        validator: the validation evaluator (its handlers include ``best_model``).
+        best_model: the validation's ``BestModelSaver``.
+        report_path: text file that receives the message when no model was written (removed otherwise).
     """
 
-    def __init__(self, network: torch.nn.Module, path: str | os.PathLike, best_model: BestModelSaver | None = None) -> None:
-        self.network = network
-        self.path = Path(path)
+    def __init__(self, validator: Engine, best_model: BestModelSaver, report_path: str | os.PathLike) -> None:
+        self.validator = validator
         self.best_model = best_model
+        self.report_path = Path(report_path)
+        self.ran = False
 
     def attach(self, engine: Engine) -> None:
+        self.validator.add_event_handler(Events.COMPLETED, self._mark)
         engine.add_event_handler(Events.COMPLETED, self)
 
+    def _mark(self, _: Engine) -> None:
+        self.ran = True
+
     def __call__(self, engine: Engine) -> None:
-        validated = self.best_model is not None and self.best_model.best > -float("inf")
-        if validated or not _is_main_process():
+        if not self.ran:
+            self.validator.run()
+        if self.best_model.saved:
+            if _is_main_process():
+                self.report_path.unlink(missing_ok=True)
             return
-        save_weights(self.network, self.path)
-        logger.info(f"no validation saved a best model: saved the final weights to {self.path}")
+        message = (f"no validated model beat the bar ({self.best_model.metric_name or 'key metric'} > "
+                   f"{self.best_model.min_score}; best {self.best_model.best:.4f}): {self.best_model.path} was not written")
+        logger.error(message)
+        if _is_main_process():
+            atomic_write_bytes(self.report_path, (message + "\n").encode("utf-8"))

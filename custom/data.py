@@ -14,7 +14,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-PATH_KEYS = ("image", "target", "mask")
+PATH_KEYS = ("image", "target", "mask", "lungs", "oracle", "new_lesions")
 
 
 def read_datalist(datalist: str | os.PathLike) -> dict[str, list[dict]]:

@@ -1,14 +1,19 @@
-"""Evaluation of generated follow-ups: per-case metrics, the identity baseline, CSV and summary.
+"""Evaluation of generated follow-ups against honest baselines, in regions that measure the disease.
 
-Two regions are measured (CIResDiff Sec. 3.2 reports PSNR and SSIM; the regions are ours):
+Regions (docs/README.md, "Measuring the prediction"):
 
-- ``lung``: the dilated lung region of the pre-registered pair;
-- ``change``: voxels of that region where the real follow-up differs from the initial scan by more
-  than a threshold, i.e. where the disease (or residual misalignment) changed the image. This is
-  where a model must do better than copying the initial scan.
+- ``lungs``: the undilated lung labels of the initial scan, where the disease is: the primary score;
+- ``change``: the disease-change region: new lesion voxels (follow-up lesions that were not lesions
+  at baseline) where the data provide lesion masks (the synthetic cohort's ``new_lesions``), else
+  lung voxels where the real scans differ by more than a threshold;
+- ``region``: the dilated lung region the model predicts (lungs + 10 mm), mostly chest wall and
+  mediastinum whose motion between scans is not affine: reported, not steered by.
 
-Every model is compared with the **identity baseline**, which predicts the follow-up to be the
-initial scan: a model that does not beat it has learned nothing about progression.
+Methods scored beside the model: ``identity`` (follow-up := initial scan), ``smoothed`` (the initial
+scan Gaussian-smoothed, sigma 1 voxel: a denoiser that knows nothing of the disease) and, where
+the cohort renders it, ``oracle`` (the true follow-up anatomy without motion or noise: the ceiling).
+Every method gets its paired difference to identity with a 95 % confidence interval (Student t
+over cases).
 """
 
 from __future__ import annotations
@@ -19,78 +24,145 @@ import json
 import logging
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from scipy import ndimage, stats
 
 from custom.io import atomic_write_bytes, check_output_dir
 from custom.metrics import masked_psnr, masked_ssim
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("psnr_lung", "ssim_lung", "psnr_change", "ssim_change")
+REGIONS = ("lungs", "change", "region")
+METRICS = tuple(f"{m}_{r}" for r in REGIONS for m in ("psnr", "ssim"))
+REFERENCES = ("identity", "smoothed", "oracle")
+SMOOTHING_SIGMA = 1.0
+"""Voxels; the smoothed-initial baseline."""
 
 
-def change_region(initial: torch.Tensor, followup: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Voxels inside ``mask`` where the real scans differ by more than ``threshold``.
+def change_region(initial: torch.Tensor, followup: torch.Tensor, lungs: torch.Tensor, threshold: float,
+                  new_lesions: torch.Tensor | None = None) -> torch.Tensor:
+    """The disease-change region: the new lesions when known, else lung voxels whose intensity changed.
 
     Args:
         initial: initial scan y0 in [0, 1].
         followup: real follow-up x0 on the same grid.
-        mask: lung region.
+        lungs: lung labels or mask (undilated).
         threshold: absolute intensity difference on the [0, 1] scale (0.05 is 60 HU with the
-            default window).
+            default window), used when ``new_lesions`` is ``None``.
+        new_lesions: new lesion voxels on the grid (follow-up lesions absent at baseline).
     """
-    return ((followup - initial).abs() > threshold) & (mask > 0)
+    if new_lesions is not None:
+        return new_lesions > 0
+    return ((followup - initial).abs() > threshold) & (lungs > 0)
 
 
-def case_metrics(
-    prediction: torch.Tensor, initial: torch.Tensor, followup: torch.Tensor, mask: torch.Tensor, threshold: float
-) -> dict[str, float]:
-    """PSNR and SSIM of ``prediction`` against the real follow-up, in the lung and change regions.
-
-    A case whose change region is empty (a stable patient) gets NaN for the change metrics.
+def smoothed(initial: torch.Tensor, region: torch.Tensor, sigma: float = SMOOTHING_SIGMA) -> torch.Tensor:
+    """The smoothed-initial baseline: y0 Gaussian-filtered, kept inside the region like a prediction.
 
     Args:
-        prediction: generated follow-up (1, D, H, W) or (B, 1, D, H, W) with B = 1.
-        initial: initial scan on the same grid.
-        followup: real follow-up on the same grid.
-        mask: lung region.
-        threshold: see ``change_region``.
+        initial: initial scan (1, D, H, W).
+        region: the dilated lung region.
+        sigma: Gaussian standard deviation in voxels.
     """
-    out = {"psnr_lung": float(masked_psnr(prediction, followup, mask)), "ssim_lung": float(masked_ssim(prediction, followup, mask))}
-    changed = change_region(initial, followup, mask, threshold)
-    out["change_voxels"] = int(changed.sum())
-    if out["change_voxels"] == 0:
-        out["psnr_change"] = out["ssim_change"] = math.nan
-        return out
-    out["psnr_change"] = float(masked_psnr(prediction, followup, changed))
-    try:
-        out["ssim_change"] = float(masked_ssim(prediction, followup, changed))
-    except ValueError:  # the change lies entirely within half an SSIM window of the border
-        out["ssim_change"] = math.nan
+    values = ndimage.gaussian_filter(np.asarray(initial, dtype=np.float32), sigma=(0, sigma, sigma, sigma))
+    return torch.as_tensor(values) * (region > 0)
+
+
+def region_metrics(prediction: torch.Tensor, followup: torch.Tensor, regions: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """PSNR and SSIM of ``prediction`` against the real follow-up in each region; NaN where a region is empty.
+
+    Args:
+        prediction: a follow-up (1, D, H, W).
+        followup: the real follow-up.
+        regions: region name -> boolean mask on the same grid.
+    """
+    out: dict[str, float] = {}
+    for name, mask in regions.items():
+        out[f"psnr_{name}"] = out[f"ssim_{name}"] = math.nan
+        if not bool(mask.any()):
+            continue
+        out[f"psnr_{name}"] = float(masked_psnr(prediction, followup, mask))
+        try:
+            out[f"ssim_{name}"] = float(masked_ssim(prediction, followup, mask))
+        except ValueError:  # the region lies entirely within half an SSIM window of the border
+            pass
     return out
 
 
-def summarize(rows: list[dict], methods: tuple[str, ...] = ("model", "identity")) -> dict[str, dict[str, dict[str, float]]]:
-    """Mean, standard deviation and count of every metric for every method, ignoring NaNs.
+def case_rows(prediction: torch.Tensor, item: Mapping, threshold: float, keys: Mapping[str, str] | None = None) -> dict:
+    """Every method's metrics for one case: the model, identity, smoothed initial and (when given) the oracle.
 
     Args:
-        rows: per-case rows with keys ``<method>_<metric>``.
-        methods: method prefixes to summarise.
+        prediction: the model's follow-up (1, D, H, W) in [0, 1].
+        item: the case: ``image`` (y0), ``target`` (x0), ``mask`` (region), ``lungs`` and optionally
+            ``new_lesions`` and ``oracle`` (names mapped by ``keys``), and ``patient``.
+        threshold: change threshold when the case has no lesion masks.
+        keys: names of the entries in ``item`` when they differ from the above.
     """
+    k = {"image": "image", "target": "target", "mask": "mask", "lungs": "lungs", "new_lesions": "new_lesions",
+         "oracle": "oracle", "patient": "patient", **(keys or {})}
+
+    def get(name: str) -> torch.Tensor | None:
+        value = item.get(k[name])
+        return None if value is None else torch.as_tensor(np.asarray(value), dtype=torch.float32).reshape(1, *np.shape(value)[-3:])
+
+    y0, x0, region, lungs = get("image"), get("target"), get("mask") > 0, get("lungs") > 0
+    regions = {"lungs": lungs, "change": change_region(y0, x0, lungs, threshold, get("new_lesions")), "region": region}
+    predictions = {"model": torch.as_tensor(np.asarray(prediction), dtype=torch.float32).reshape(y0.shape),
+                   "identity": y0, "smoothed": smoothed(y0, region)}
+    if get("oracle") is not None:
+        predictions["oracle"] = get("oracle")
+    row: dict = {"patient": str(item.get(k["patient"], "case")), "change_voxels": int(regions["change"].sum()),
+                 "change_source": "new lesions" if get("new_lesions") is not None else f"|x0 - y0| > {threshold}"}
+    for method, values in predictions.items():
+        row.update({f"{method}_{m}": v for m, v in region_metrics(values, x0, regions).items()})
+    return row
+
+
+def paired_difference(values: np.ndarray, baseline: np.ndarray, confidence: float = 0.95) -> dict[str, float]:
+    """Mean paired difference (values - baseline) over cases with a Student-t confidence interval.
+
+    Args:
+        values: per-case metric of a method.
+        baseline: the same cases' metric of the baseline.
+        confidence: coverage of the interval.
+    """
+    diff = np.asarray(values, dtype=float) - np.asarray(baseline, dtype=float)
+    diff = diff[~np.isnan(diff)]
+    if diff.size == 0:
+        return {"mean": math.nan, "low": math.nan, "high": math.nan, "n": 0}
+    mean = float(diff.mean())
+    if diff.size < 2:
+        return {"mean": mean, "low": math.nan, "high": math.nan, "n": 1}
+    half = float(stats.t.ppf(0.5 + confidence / 2, diff.size - 1) * diff.std(ddof=1) / math.sqrt(diff.size))
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": int(diff.size)}
+
+
+def summarize(rows: list[dict], methods: tuple[str, ...] | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """Mean, SD and count of every metric for every method (NaNs ignored), and the paired difference to identity.
+
+    Args:
+        rows: per-case rows with keys ``<method>_<metric>`` (``case_rows``).
+        methods: method prefixes to summarise; ``None`` takes every method present in the rows.
+    """
+    if methods is None:
+        methods = tuple(m for m in ("model", *REFERENCES) if f"{m}_{METRICS[0]}" in rows[0])
     summary: dict[str, dict[str, dict[str, float]]] = {}
     for method in methods:
         summary[method] = {}
         for metric in METRICS:
             values = np.array([r[f"{method}_{metric}"] for r in rows], dtype=float)
-            values = values[~np.isnan(values)]
+            kept = values[~np.isnan(values)]
             summary[method][metric] = {
-                "mean": float(values.mean()) if values.size else math.nan,
-                "std": float(values.std(ddof=1)) if values.size > 1 else 0.0 if values.size else math.nan,
-                "n": int(values.size),
+                "mean": float(kept.mean()) if kept.size else math.nan,
+                "std": float(kept.std(ddof=1)) if kept.size > 1 else 0.0 if kept.size else math.nan,
+                "n": int(kept.size),
+                "vs_identity": paired_difference(values, np.array([r[f"identity_{metric}"] for r in rows], dtype=float)),
             }
     return summary
 
@@ -99,52 +171,78 @@ def _atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+TABLE_COLUMNS = ("psnr_lungs", "ssim_lungs", "psnr_change", "psnr_region", "ssim_region")
+
+
 def summary_markdown(summary: dict, title: str) -> str:
-    """The summary as a Markdown table: one row per method, mean +/- std per metric.
+    """The summary as a Markdown table: mean ± SD per method and metric, and each method's paired gain over identity.
 
     Args:
         summary: output of ``summarize``.
         title: heading of the table.
     """
-    lines = [f"### {title}", "", "| method | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+    def cell(m: dict) -> str:
+        return f"{m['mean']:.3f} ± {m['std']:.3f}" if m["n"] else "-"
+
+    def gain(m: dict) -> str:
+        d = m["vs_identity"]
+        if not d["n"]:
+            return "-"
+        return f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" if d["n"] > 1 else f"{d['mean']:+.3f}"
+
+    n = max(m["n"] for method in summary.values() for m in method.values())
+    lines = [f"### {title}", "",
+             f"{n} cases; mean ± SD over cases; gain = paired difference to identity with its 95 % CI.", "",
+             "| method | " + " | ".join(TABLE_COLUMNS) + " | gain psnr_lungs | gain ssim_lungs | gain psnr_change |",
+             "|---" * (len(TABLE_COLUMNS) + 4) + "|"]
     for method, metrics in summary.items():
-        cells = [f"{m['mean']:.3f} ± {m['std']:.3f} (n={m['n']})" for m in metrics.values()]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        cells = [cell(metrics[c]) for c in TABLE_COLUMNS]
+        gains = [gain(metrics[c]) for c in ("psnr_lungs", "ssim_lungs", "psnr_change")]
+        lines.append(f"| {method} | " + " | ".join(cells + gains) + " |")
     return "\n".join(lines) + "\n"
 
 
-class FollowupMetricsWriter:
-    """Ignite handler: per-case metrics of the model and of the identity baseline, then CSV and summary.
+def write_report(rows: list[dict], output_dir: str | os.PathLike, title: str, extra: Mapping | None = None) -> dict:
+    """Write ``metrics.csv`` (one row per case), ``summary.json`` and ``summary.md``, each atomically.
 
-    Reads, for each evaluated case, the generated follow-up (``engine.state.output[i]["pred"]``),
-    the initial scan, the real follow-up, the lung mask and the patient id from the batch. At the
-    end it writes ``metrics.csv`` (one row per case) and ``summary.json`` / ``summary.md`` (mean
-    +/- std) into ``output_dir``, each file atomically.
+    Args:
+        rows: per-case rows (``case_rows``).
+        output_dir: destination folder.
+        title: heading of the Markdown table.
+        extra: further entries of ``summary.json``.
+    """
+    if not rows:
+        raise RuntimeError("no case was evaluated: is the test split empty?")
+    out = Path(output_dir)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    _atomic_write_text(out / "metrics.csv", buffer.getvalue())
+    summary = summarize(rows)
+    _atomic_write_text(out / "summary.md", summary_markdown(summary, title))
+    summary.update({"cases": len(rows), **(extra or {})})
+    _atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+class FollowupMetricsWriter:
+    """Ignite handler: per-case metrics of the model and the reference rows, then CSV and summary.
+
+    Reads, for each evaluated case, the generated follow-up (``engine.state.output[i]["pred"]``)
+    and the case's images from the batch (``case_rows``). At the end it writes ``metrics.csv``,
+    ``summary.json`` and ``summary.md`` into ``output_dir`` (``write_report``).
 
     Args:
         output_dir: folder of the CSV and summary files.
-        threshold: intensity difference defining the change region (see ``change_region``).
+        threshold: change threshold for cases without lesion masks (see ``change_region``).
         name: method name written in the summary title.
-        image_key: batch key of the initial scan.
-        target_key: batch key of the real follow-up.
-        mask_key: batch key of the lung region.
-        id_key: batch key of the patient id.
     """
 
-    def __init__(
-        self,
-        output_dir: str | os.PathLike,
-        threshold: float = 0.05,
-        name: str = "model",
-        image_key: str = "image",
-        target_key: str = "target",
-        mask_key: str = "mask",
-        id_key: str = "patient",
-    ) -> None:
+    def __init__(self, output_dir: str | os.PathLike, threshold: float = 0.05, name: str = "model") -> None:
         self.output_dir = check_output_dir(output_dir)
         self.threshold = threshold
         self.name = name
-        self.keys = (image_key, target_key, mask_key, id_key)
         self.rows: list[dict] = []
 
     def attach(self, engine: Engine) -> None:
@@ -153,33 +251,12 @@ class FollowupMetricsWriter:
         engine.add_event_handler(Events.COMPLETED, self.write)
 
     def collect(self, engine: Engine) -> None:
-        image_key, target_key, mask_key, id_key = self.keys
-        batch, output = engine.state.batch, engine.state.output
-        for item, out in zip(batch, output):
-            y0, x0, mask = (torch.as_tensor(item[k]).cpu().float() for k in (image_key, target_key, mask_key))
-            pred = torch.as_tensor(out["pred"]).cpu().float()
-            row: dict = {"patient": item.get(id_key, f"case{len(self.rows)}")}
-            model = case_metrics(pred, y0, x0, mask, self.threshold)
-            identity = case_metrics(y0, y0, x0, mask, self.threshold)
-            row["change_voxels"] = model.pop("change_voxels")
-            identity.pop("change_voxels")
-            row.update({f"model_{k}": v for k, v in model.items()})
-            row.update({f"identity_{k}": v for k, v in identity.items()})
-            self.rows.append(row)
+        for item, out in zip(engine.state.batch, engine.state.output):
+            pred = torch.as_tensor(out["pred"]).detach().cpu().float()
+            self.rows.append(case_rows(pred[:1], item, self.threshold))
 
     def write(self, engine: Engine) -> dict:
-        if not self.rows:
-            raise RuntimeError("no case was evaluated: is the test split empty?")
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(self.rows[0]))
-        writer.writeheader()
-        writer.writerows(self.rows)
-        _atomic_write_text(self.output_dir / "metrics.csv", buffer.getvalue())
-        summary = summarize(self.rows)
-        summary["threshold"] = self.threshold
-        summary["cases"] = len(self.rows)
-        _atomic_write_text(self.output_dir / "summary.json", json.dumps(summary, indent=2))
-        tables = {k: v for k, v in summary.items() if k in ("model", "identity")}
-        _atomic_write_text(self.output_dir / "summary.md", summary_markdown(tables, f"{self.name} vs identity baseline"))
+        summary = write_report(self.rows, self.output_dir, f"{self.name} against the reference rows",
+                               {"threshold": self.threshold, "method": self.name})
         logger.info(f"wrote per-case metrics and summary of {len(self.rows)} cases to {self.output_dir}")
         return summary

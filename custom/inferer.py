@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+from monai.data import MetaTensor
 from monai.inferers import Inferer, SlidingWindowInferer
 from monai.networks.schedulers import Scheduler
 from monai.utils import ensure_tuple_rep
@@ -81,6 +82,18 @@ def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
         return squared.mean()
     weight = mask.to(squared).expand_as(squared)
     return (squared * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def _strip_meta(inputs: torch.Tensor) -> torch.Tensor:
+    """The images as a plain tensor: MONAI's metadata tracking on every network operation costs several times the step."""
+    return inputs.as_tensor() if isinstance(inputs, MetaTensor) else torch.as_tensor(inputs)
+
+
+def _like_inputs(output: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """The output with the inputs' metadata (affine, file name) when the inputs carried any."""
+    if not isinstance(inputs, MetaTensor):
+        return output
+    return MetaTensor(output, affine=inputs.affine, meta=dict(inputs.meta))
 
 
 def _randn(shape: Sequence[int], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -270,7 +283,7 @@ class DiffusionSamplingInferer(Inferer):
             num_samples: samples per case; ``None`` uses the inferer's ``num_samples``.
             generator: random generator of the sampling noise; ``None`` seeds one from ``seed``.
         """
-        y0 = torch.as_tensor(inputs)
+        y0 = _strip_meta(inputs)
         context = self._context(y0.shape[0], y0.device, context)
         generator = generator if generator is not None else self._generator(y0.device)
         num_samples = num_samples or self.num_samples
@@ -303,20 +316,83 @@ class DiffusionSamplingInferer(Inferer):
             the mean sample (B, 1, ...), or ``[mean, std]`` (B, 2, ...) when ``return_uncertainty`` is set.
         """
         out = self.sample(inputs, network, context)
-        return torch.cat([out.mean, out.std], dim=1) if self.return_uncertainty else out.mean
+        return _like_inputs(torch.cat([out.mean, out.std], dim=1) if self.return_uncertainty else out.mean, inputs)
+
+
+PREDICTIONS = ("mean", "sample")
 
 
 class ResidualShiftInferer(DiffusionSamplingInferer):
-    """Residual-shift sampling from the initial scan over the whole volume, and its x0-prediction loss.
+    """Residual-shift prediction from the initial scan over the whole volume: the mean, or samples.
+
+    Two products (docs/README.md, "Mean and samples"):
+
+    - ``prediction="mean"`` (default): the conditional-mean follow-up E[x0 | y0, text], one network
+      call at t = T with x_T at the prior's mean y0 (``predict_mean``). It is what PSNR/SSIM and the
+      classifier score: the mean minimises the squared error, a sample pays for its own variance.
+    - ``prediction="sample"``: the mean of ``num_samples`` posterior samples (T reverse steps each).
+
+    With ``return_uncertainty`` either mode also draws ``num_samples`` posterior samples and returns
+    their voxel-wise standard deviation as a second channel.
 
     Args:
         scheduler: the ``ResidualShiftScheduler`` the network was trained with.
+        prediction: ``"mean"`` or ``"sample"``.
         kwargs: see ``DiffusionSamplingInferer``.
     """
 
-    def __init__(self, scheduler: ResidualShiftScheduler, **kwargs) -> None:
+    def __init__(self, scheduler: ResidualShiftScheduler, prediction: str = "mean", **kwargs) -> None:
         super().__init__(**kwargs)
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}.")
         self.scheduler = scheduler
+        self.prediction = prediction
+
+    @torch.inference_mode()
+    def predict_mean(self, inputs: torch.Tensor, network: Callable, context: torch.Tensor | None = None) -> torch.Tensor:
+        """The conditional-mean follow-up: f(x_T = y0, y0, T), one sliding-window pass per case.
+
+        x_T ~ N(x0 + eta_T e0, kappa^2 eta_T I) (ResShift Eq. 2) has mean y0 - (1 - eta_T) e0 ~ y0;
+        the network is trained on this exact input (``ResidualShiftPrepareBatch``'s ``mean_fraction``),
+        where the squared loss makes its output the conditional mean of x0 given y0 and the text.
+        The input is y0 itself, not x0 + eta_T e0, which would leak (1 - eta_T) of the follow-up.
+
+        Args:
+            inputs: initial scans y0, (B, 1, D, H, W).
+            network: the denoiser.
+            context: text token features (B, L, D) or ``None``.
+        """
+        y0 = _strip_meta(inputs)
+        context = self._context(y0.shape[0], y0.device, context)
+        scheduler = self.scheduler.to(y0.device)
+        t = scheduler.num_train_timesteps - 1
+        return torch.cat([
+            self.denoise(network, scheduler.scale_model_input(y0[b : b + 1], t), y0[b : b + 1], t,
+                         None if context is None else context[b : b + 1])
+            for b in range(y0.shape[0])
+        ])
+
+    def __call__(
+        self, inputs: torch.Tensor, network: Callable, context: torch.Tensor | None = None, *args, **kwargs
+    ) -> torch.Tensor:
+        """The follow-up of every case in ``inputs`` (initial scans, (B, 1, D, H, W)) in the inferer's mode.
+
+        Args:
+            inputs: initial scans y0.
+            network: the denoiser.
+            context: text token features (B, L, D) or ``None``.
+            args: unused, for the ``Inferer`` signature.
+            kwargs: unused, for the ``Inferer`` signature.
+
+        Returns:
+            the follow-up (B, 1, ...), or ``[follow-up, std of the samples]`` (B, 2, ...) with ``return_uncertainty``.
+        """
+        if self.prediction == "sample":
+            return super().__call__(inputs, network, context)
+        mean = self.predict_mean(inputs, network, context)
+        if self.return_uncertainty:
+            mean = torch.cat([mean, self.sample(inputs, network, context).std], dim=1)
+        return _like_inputs(mean, inputs)
 
     def sample_one(
         self, network: Callable, y0: torch.Tensor, context: torch.Tensor | None, generator: torch.Generator | None

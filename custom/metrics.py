@@ -72,6 +72,21 @@ def masked_ssim(
     return (ssim_map * inner).flatten(1).sum(1) / inner.flatten(1).sum(1)
 
 
+def lung_psnr_gain(pred: torch.Tensor, target: torch.Tensor, lungs: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
+    """Paired PSNR gain over the identity baseline in the lungs: PSNR(pred) - PSNR(initial), in dB, per batch item.
+
+    Identity (follow-up := initial scan) is the bar a prediction must clear; this is the score
+    that picks the best checkpoint and gates ``model.pt`` (positive = better than copying).
+
+    Args:
+        pred: predicted follow-ups, (B, 1, D, H, W) or (1, D, H, W).
+        target: real follow-ups of the same shape.
+        lungs: lung labels or mask (undilated), same spatial shape.
+        initial: the initial scans.
+    """
+    return masked_psnr(pred, target, lungs) - masked_psnr(initial, target, lungs)
+
+
 class MaskedImageMetric(Metric):
     """Ignite metric averaging a region-restricted image metric over the evaluated cases.
 
@@ -79,8 +94,10 @@ class MaskedImageMetric(Metric):
     metric handlers do, so ``monai.handlers.MetricsSaver`` can write them to a per-case CSV.
 
     Args:
-        metric_fn: ``masked_psnr`` or ``masked_ssim`` (any function of pred, target, mask).
-        output_transform: maps the engine output to three sequences: predictions, targets, masks.
+        metric_fn: ``masked_psnr``, ``masked_ssim`` (functions of pred, target, mask) or ``lung_psnr_gain``
+            (pred, target, lungs, initial): it is called with one item of each sequence.
+        output_transform: maps the engine output to sequences of predictions, targets, masks (and
+            whatever further arguments ``metric_fn`` takes).
         name: key under which the per-case values are stored in ``engine.state.metric_details``.
     """
 
@@ -100,13 +117,12 @@ class MaskedImageMetric(Metric):
 
     @torch.no_grad()
     def iteration_completed(self, engine: Engine) -> None:
-        # Ignite's default expects (y_pred, y) pairs; this metric takes a third item, the mask.
+        # Ignite's default expects (y_pred, y) pairs; this metric takes further items (the mask, ...).
         self.update(self._output_transform(engine.state.output))
 
     def update(self, output: Sequence) -> None:
-        preds, targets, masks = output
-        for p, t, m in zip(preds, targets, masks):
-            self._values.append(self.metric_fn(p.detach().cpu(), t.detach().cpu(), m.detach().cpu()).reshape(-1))
+        for items in zip(*output):
+            self._values.append(self.metric_fn(*(torch.as_tensor(i).detach().cpu() for i in items)).reshape(-1))
 
     def compute(self) -> float:
         if not self._values:

@@ -196,13 +196,13 @@ class ChestPhantom:
         q = (pts - centre.astype(pts.dtype)) / axes.astype(pts.dtype)
         return np.sqrt(np.einsum("...i,...i->...", q, q))
 
-    def render(self, pts: np.ndarray, burden: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def render(self, pts: np.ndarray, burden: float, rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """HU, lung labels and lesion labels at points ``pts`` (..., 3) in the body frame.
 
         Args:
             pts: RAS points in mm.
             burden: fraction of lung volume affected by lesions.
-            rng: random stream for the acquisition noise.
+            rng: random stream for the acquisition noise; ``None`` renders the noise-free anatomy.
         """
         hx, hy, hz = self.half
         x, y, z = pts[..., 0], pts[..., 1], pts[..., 2]
@@ -248,6 +248,8 @@ class ChestPhantom:
 
         lesion_lab = self._lesions(pts, lung_lab, depth, burden)
         hu = self._paint_lesions(hu, pts, lesion_lab)
+        if rng is None:
+            return hu, lung_lab, lesion_lab
         noise = rng.normal(0.0, 1.0, hu.shape).astype(np.float32)
         hu = hu + 18.0 * ndimage.gaussian_filter(noise, 0.6) / 0.27
         return hu, lung_lab, lesion_lab
@@ -502,6 +504,9 @@ def generate_patient(
     body_transform = random_affine(rng, np.zeros(3), 1.0, 0.3 * motion_mm, 0.0)
     follow_pts = piecewise_inverse_map(voxel_grid(shape, affine), phantom, lung_transforms, body_transform)
     hu1, lungs1, lesions1 = phantom.render(follow_pts, patient.followup_burden, rng)
+    # The oracle: the follow-up's anatomy in the initial scan's frame, without motion or noise. It
+    # is the ceiling of any prediction and defines the new lesions exactly, with no registration error.
+    hu_oracle, _, lesions_oracle = phantom.render(pts, patient.followup_burden, None)
 
     files = {
         "initial.nii.gz": nifti_bytes(np.round(hu0).clip(-1024, 3071).astype(np.int16), affine),
@@ -510,6 +515,8 @@ def generate_patient(
         "followup_lungs.nii.gz": nifti_bytes(lungs1, affine),
         "initial_lesions.nii.gz": nifti_bytes(lesions0, affine),
         "followup_lesions.nii.gz": nifti_bytes(lesions1, affine),
+        "oracle_followup.nii.gz": nifti_bytes(np.round(hu_oracle).clip(-1024, 3071).astype(np.int16), affine),
+        "oracle_followup_lesions.nii.gz": nifti_bytes(lesions_oracle, affine),
     }
     transforms = {
         "convention": "4x4 RAS mm matrices mapping a point of the initial scan to the same tissue point in the follow-up scan",
@@ -593,7 +600,8 @@ def generate_cohort(
     test, folds = split_patients([p.patient_id for p in patients], seed)
 
     def entry(pid: str) -> dict:
-        names = ("initial", "followup", "initial_lungs", "followup_lungs", "initial_lesions", "followup_lesions")
+        names = ("initial", "followup", "initial_lungs", "followup_lungs", "initial_lesions", "followup_lesions",
+                 "oracle_followup", "oracle_followup_lesions")
         return {"patient": pid, **{k: f"{pid}/{k}.nii.gz" for k in names}}
 
     datalist = {

@@ -6,10 +6,10 @@ import pickle
 
 import pytest
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 
 from custom.checkpoints import (
-    BestModelSaver, FinalWeightsSaver, ResumableCheckpoint, atomic_torch_save, load_network_weights, safe_load,
+    BestModelSaver, FinalValidation, ResumableCheckpoint, atomic_torch_save, load_network_weights, safe_load,
 )
 
 
@@ -107,16 +107,42 @@ def test_best_model_saver_keeps_the_best_and_survives_resume(tmp_path):
     assert safe_load(tmp_path / "model.pt")["bias"].item() == 2.0
 
 
-def test_final_weights_replace_a_stale_model_unless_validation_saved_one(tmp_path):
+def _validator(model: torch.nn.Module, best: BestModelSaver, scores: list[float]) -> Engine:
+    """An evaluator whose run reports the next score of ``scores`` to ``best``."""
+    def run(engine, batch):
+        engine.state.metrics = {"gain": scores.pop(0)}
+
+    validator = Engine(run)
+    validator.add_event_handler(Events.EPOCH_COMPLETED, best)
+    return validator
+
+
+def test_gate_keeps_model_pt_when_no_model_beats_identity(tmp_path):
     model = torch.nn.Linear(3, 1)
-    torch.save({"stale": torch.zeros(1)}, tmp_path / "model.pt")
-    best = BestModelSaver(model, tmp_path / "model.pt", metric_name="psnr")
-    engine = Engine(lambda e, b: None)
+    torch.save({"shipped": torch.ones(1)}, tmp_path / "model.pt")
+    best = BestModelSaver(model, tmp_path / "model.pt", metric_name="gain", min_score=0.0)
+    validator = _validator(model, best, [-0.4, -0.1])
+    final = FinalValidation(validator, best, tmp_path / "not_written.txt")
+    trainer = Engine(lambda e, b: None)
+    final.attach(trainer)
+    validator.run([0])  # a validation during training: worse than identity
+    trainer.run([0], max_epochs=1)  # it validated already: the final check does not run it again
+    assert "shipped" in safe_load(tmp_path / "model.pt") and best.best == -0.4 and not best.saved
+    assert "was not written" in (tmp_path / "not_written.txt").read_text(encoding="utf-8")
+
+
+def test_final_validation_runs_once_when_training_never_validated_and_a_good_model_is_written(tmp_path):
+    model = torch.nn.Linear(3, 1)
     model.bias.data.fill_(5.0)
-    FinalWeightsSaver(model, tmp_path / "model.pt", best)(engine)  # no validation ran in this training
-    assert safe_load(tmp_path / "model.pt")["bias"].item() == 5.0
-    engine.state.metrics = {"psnr": 20.0}
-    best(engine)  # validation saved the bias-5 model; the final weights differ and must not replace it
-    model.bias.data.fill_(6.0)
-    FinalWeightsSaver(model, tmp_path / "model.pt", best)(engine)
-    assert safe_load(tmp_path / "model.pt")["bias"].item() == 5.0
+    (tmp_path / "not_written.txt").write_text("stale", encoding="utf-8")
+    best = BestModelSaver(model, tmp_path / "model.pt", metric_name="gain", min_score=0.0)
+    scores = [0.7]
+    final = FinalValidation(_validator(model, best, scores), best, tmp_path / "not_written.txt")
+    trainer = Engine(lambda e, b: None)
+    final.attach(trainer)
+    trainer.run([0], max_epochs=1)
+    assert scores == [] and best.saved and safe_load(tmp_path / "model.pt")["bias"].item() == 5.0
+    assert not (tmp_path / "not_written.txt").exists()
+    restored = BestModelSaver(model, tmp_path / "model.pt", metric_name="gain", min_score=0.0)
+    restored.load_state_dict(best.state_dict())
+    assert restored.saved and restored.best == pytest.approx(0.7)

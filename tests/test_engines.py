@@ -6,7 +6,9 @@ import pytest
 import torch
 from monai.networks.schedulers import DDPMScheduler
 
-from custom.engines import ConditionalDDPMPrepareBatch, ResidualShiftPrepareBatch, SamplingPrepareBatch
+from custom.engines import (
+    ConditionalDDPMPrepareBatch, ResidualShiftPrepareBatch, SamplingPrepareBatch, WeightedMSELoss, loss_weight,
+)
 from custom.scheduler import ResidualShiftScheduler
 
 
@@ -53,3 +55,34 @@ def test_missing_text_is_a_clear_error_and_inference_needs_no_target():
         SamplingPrepareBatch(text_encoder=lambda t: torch.zeros(len(t), 1, 1))(batch)
     y0, x0, _, kwargs = SamplingPrepareBatch()({"image": batch["image"]})
     assert x0 is None and kwargs["context"] is None and torch.equal(y0, batch["image"])
+
+
+def test_mean_patches_see_the_initial_scan_at_the_last_step():
+    scheduler = ResidualShiftScheduler()
+    batch = _batch()
+    inputs, target, _, kwargs = ResidualShiftPrepareBatch(scheduler, mean_fraction=1.0)(batch)
+    assert torch.equal(kwargs["timesteps"], torch.full((3,), 14))
+    assert torch.allclose(inputs[:, :1], scheduler.scale_model_input(batch["image"], 14))
+    assert torch.equal(target, batch["target"])
+    with pytest.raises(ValueError, match="mean_fraction"):
+        ResidualShiftPrepareBatch(scheduler, mean_fraction=1.5)
+    torch.manual_seed(3)
+    half = ResidualShiftPrepareBatch(scheduler, mean_fraction=0.5)({**_batch(), "image": torch.rand(400, 1, 2, 2, 2),
+                                                                      "target": torch.rand(400, 1, 2, 2, 2)})
+    share = float((half[3]["timesteps"] == 14).float().mean())
+    assert 0.45 < share < 0.60  # half the patches, plus the uniform draws that land on the last step
+
+
+def test_weighted_loss_counts_the_lungs_fully_and_the_rest_of_the_region_a_little():
+    lungs = torch.zeros(1, 1, 4, 4, 4)
+    lungs[..., 1:3, 1:3, 1:3] = 2  # a label map: any non-zero label is lung
+    region = torch.zeros_like(lungs)
+    region[..., :, :, 1:4] = 1
+    weight = loss_weight(lungs, region, 0.1)
+    assert weight[0, 0, 1, 1, 1] == 1 and weight[0, 0, 0, 0, 1] == pytest.approx(0.1) and weight[0, 0, 0, 0, 0] == 0
+    batch = {"image": torch.rand(1, 1, 4, 4, 4), "target": torch.rand(1, 1, 4, 4, 4), "lungs": lungs, "mask": region}
+    inputs, target, _, _ = ResidualShiftPrepareBatch(ResidualShiftScheduler(), lungs_key="lungs")(batch)
+    assert target.shape == (1, 2, 4, 4, 4) and torch.equal(target[:, 1:], weight)
+    prediction = torch.rand(1, 1, 4, 4, 4)
+    expected = ((prediction - batch["target"]) ** 2 * weight).sum() / weight.sum()
+    assert torch.allclose(WeightedMSELoss()(prediction, target), expected)

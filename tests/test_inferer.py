@@ -70,7 +70,8 @@ def test_oracle_denoiser_makes_sampling_return_x0_through_sliding_windows():
     y0 = torch.rand(2, 1, 24, 20, 16, generator=torch.Generator().manual_seed(3))
     for mode in ("gaussian", "constant"):
         inferer = ResidualShiftInferer(
-            ResidualShiftScheduler(num_train_timesteps=15), roi_size=(12, 12, 8), sw_batch_size=3, overlap=0.5, mode=mode
+            ResidualShiftScheduler(num_train_timesteps=15), roi_size=(12, 12, 8), sw_batch_size=3, overlap=0.5, mode=mode,
+            prediction="sample",
         )
         out = inferer(y0, _ResidualOracle())
         assert out.shape == y0.shape
@@ -81,7 +82,8 @@ def test_window_batches_get_the_step_and_context_and_steps_run_backwards():
     y0 = torch.rand(1, 1, 24, 24, 16, generator=torch.Generator().manual_seed(4))
     net = _Pointwise()
     # 3 x 3 x 1 windows in batches of 4: the last batch has a single window
-    inferer = ResidualShiftInferer(ResidualShiftScheduler(), roi_size=(12, 12, 16), sw_batch_size=4, overlap=0.5)
+    inferer = ResidualShiftInferer(ResidualShiftScheduler(), roi_size=(12, 12, 16), sw_batch_size=4, overlap=0.5,
+                                   prediction="sample")
     inferer(y0, net, torch.randn(1, 6, 5))
     assert [n for n, _, _ in net.calls] == [4, 4, 1] * 15
     assert all(len(set(timesteps)) == 1 and len(timesteps) == n == rows for n, timesteps, rows in net.calls)
@@ -92,16 +94,17 @@ def test_sliding_window_sampling_equals_single_window_sampling():
     y0 = torch.rand(1, 1, 32, 32, 24, generator=torch.Generator().manual_seed(4))
     context = torch.randn(1, 4, 6)
     net = _Pointwise()
-    whole = ResidualShiftInferer(ResidualShiftScheduler(), roi_size=(32, 32, 24), seed=5)(y0, net, context)
+    whole = ResidualShiftInferer(ResidualShiftScheduler(), roi_size=(32, 32, 24), seed=5, prediction="sample")(y0, net, context)
     for mode in ("gaussian", "constant"):
-        windows = ResidualShiftInferer(ResidualShiftScheduler(), roi_size=16, overlap=0.25, mode=mode, seed=5)
+        windows = ResidualShiftInferer(ResidualShiftScheduler(), roi_size=16, overlap=0.25, mode=mode, seed=5,
+                                       prediction="sample")
         assert torch.allclose(windows(y0, net, context), whole, atol=1e-5)
 
 
 def test_samples_are_reproducible_and_give_mean_and_uncertainty():
     y0 = torch.rand(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(6))
     net = _Pointwise()
-    inferer = ResidualShiftInferer(ResidualShiftScheduler(), roi_size=16, num_samples=3, seed=1)
+    inferer = ResidualShiftInferer(ResidualShiftScheduler(), roi_size=16, num_samples=3, seed=1, prediction="sample")
     out = inferer.sample(y0, net)
     assert isinstance(out, SamplingOutput) and out.samples.shape == (3, 2, 1, 16, 16, 16)
     assert torch.allclose(out.mean, out.samples.mean(0)) and torch.allclose(out.std, out.samples.std(0, unbiased=False))
@@ -109,8 +112,27 @@ def test_samples_are_reproducible_and_give_mean_and_uncertainty():
     assert torch.equal(inferer(y0, net), out.mean)
     other = inferer.sample(y0, net, generator=torch.Generator().manual_seed(2))
     assert not torch.allclose(other.mean, out.mean)
-    two_channels = ResidualShiftInferer(ResidualShiftScheduler(), roi_size=16, num_samples=3, seed=1, return_uncertainty=True)
+    two_channels = ResidualShiftInferer(ResidualShiftScheduler(), roi_size=16, num_samples=3, seed=1, return_uncertainty=True,
+                                        prediction="sample")
     assert torch.equal(two_channels(y0, net), torch.cat([out.mean, out.std], dim=1))
+    # the default product is the mean prediction; the samples give only its uncertainty channel
+    mean_mode = ResidualShiftInferer(ResidualShiftScheduler(), roi_size=16, num_samples=3, seed=1, return_uncertainty=True)
+    both = mean_mode(y0, net)
+    assert torch.equal(both[:, :1], mean_mode.predict_mean(y0, net)) and torch.equal(both[:, 1:], out.std)
+
+
+def test_mean_prediction_is_one_call_at_the_last_step_on_the_initial_scan():
+    y0 = torch.rand(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(8))
+    net = _Pointwise()
+    scheduler = ResidualShiftScheduler()
+    inferer = ResidualShiftInferer(scheduler, roi_size=16)
+    out = inferer(y0, net)
+    assert net.steps == [scheduler.num_train_timesteps - 1] and len(net.calls) == 1
+    # the input is the prior's mean y0 (scaled), not x0 + eta_T e0, which would leak the follow-up
+    expected = net.mix(torch.cat([scheduler.scale_model_input(y0, 14), y0], 1)) * (1 + 0.05 * 14)
+    assert torch.allclose(out, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="prediction"):
+        ResidualShiftInferer(scheduler, prediction="median")
 
 
 def test_monai_label_call_with_the_image_alone():
@@ -158,23 +180,29 @@ def _toy_pair(g: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_trained_small_denoiser_beats_the_identity_prediction():
+    """The live training step (prepare batch + weighted loss) teaches both products, the mean and a sample."""
+    from custom.engines import ResidualShiftPrepareBatch, WeightedMSELoss
+
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(7)
-    inferer = ResidualShiftInferer(ResidualShiftScheduler(kappa=0.5), roi_size=16, seed=11)
+    scheduler = ResidualShiftScheduler()
+    prepare = ResidualShiftPrepareBatch(scheduler, mean_fraction=0.5, lungs_key="lungs")
     net = AttentionDiffusionUNet(channels=(8, 16), attention_levels=(False, False), norm_num_groups=4,
-                                 num_head_channels=8, with_conditioning=False)
+                                 num_head_channels=8, with_conditioning=False, residual_output=True)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     for _ in range(200):
         x0, y0 = _toy_pair(g, 4)
-        loss = inferer.training_loss(net, x0, y0, generator=g).loss
+        inputs, target, _, kwargs = prepare({"image": y0, "target": x0, "lungs": torch.ones_like(x0), "mask": torch.ones_like(x0)})
+        loss = WeightedMSELoss()(net(inputs, **kwargs), target)
         opt.zero_grad()
         loss.backward()
         opt.step()
     net.eval()
     x0, y0 = _toy_pair(torch.Generator().manual_seed(99), 2)  # held-out images and sampling noise
-    mse_model = torch.mean((inferer(y0, net) - x0) ** 2).item()
     mse_identity = torch.mean((y0 - x0) ** 2).item()
-    assert mse_model < 0.6 * mse_identity, (mse_model, mse_identity)
+    for prediction in ("mean", "sample"):
+        mse_model = torch.mean((ResidualShiftInferer(scheduler, roi_size=16, seed=11, prediction=prediction)(y0, net) - x0) ** 2).item()
+        assert mse_model < 0.6 * mse_identity, (prediction, mse_model, mse_identity)
 
 
 def test_ddpm_baseline_loss_is_epsilon_prediction():
@@ -220,9 +248,11 @@ def test_channels_last_and_window_batching_keep_the_sample_equal():
             p.add_(0.05 * torch.randn_like(p))
     y0 = torch.rand(1, 1, 32, 32, 24, generator=torch.Generator().manual_seed(8))
     context = torch.randn(1, 4, 6)
-    reference = ResidualShiftInferer(ResidualShiftScheduler(), roi_size=16, sw_batch_size=1, seed=3)(y0, net, context)
+    reference = ResidualShiftInferer(ResidualShiftScheduler(), roi_size=16, sw_batch_size=1, seed=3,
+                                     prediction="sample")(y0, net, context)
     fast_net = net.to(memory_format=torch.channels_last_3d)
-    fast = ResidualShiftInferer(ResidualShiftScheduler(), roi_size=16, sw_batch_size=8, channels_last=True, seed=3)
+    fast = ResidualShiftInferer(ResidualShiftScheduler(), roi_size=16, sw_batch_size=8, channels_last=True, seed=3,
+                                prediction="sample")
     result = fast(y0, fast_net, context)
     assert not torch.allclose(reference, y0, atol=1e-3)
     # float rounding accumulated over 15 steps; 1e-4 of the 1200 HU window is 0.12 HU

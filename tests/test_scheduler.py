@@ -101,3 +101,24 @@ def test_prior_and_input_scaling():
     assert torch.allclose(s.scale_model_input(x_t, t), expected)
     assert torch.allclose(s.scale_model_input(x_t[1:], 14), expected[1:])
     assert torch.equal(ResidualShiftScheduler(scale_input=False).scale_model_input(x_t, t), x_t)
+
+
+def test_kappa_reaches_every_scheduler_user_from_one_config_value(bundle_root):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle_root / "configs" / "train.json"))
+    parser.update({"bundle_root": str(bundle_root), "use_text": False, "scheduler#kappa": 0.3})
+    batch, inferer = parser.get_parsed_content("train#prepare_batch"), parser.get_parsed_content("inferer")
+    assert batch.scheduler is inferer.scheduler and inferer.scheduler.kappa == 0.3
+    assert float(inferer.scheduler.posterior_variance[1]) == pytest.approx(
+        float(ResidualShiftScheduler(kappa=0.3).posterior_variance[1]))
+    # without an override, training and inference both take the one default of the scheduler
+    defaults = []
+    for name in ("train", "inference"):
+        parser = ConfigParser()
+        parser.read_config(str(bundle_root / "configs" / f"{name}.json"))
+        assert "kappa" not in parser["scheduler"]
+        parser.update({"bundle_root": str(bundle_root), "use_text": False})
+        defaults.append(parser.get_parsed_content("scheduler").kappa)
+    assert defaults == [ResidualShiftScheduler().kappa] * 2
