@@ -45,7 +45,9 @@ def predict_followup(
         affine: voxel-to-RAS affine when ``initial`` is an array.
         records_csv: OSIC-style CSV of records by patient id, for a folder of CTs.
         output_dir: where NIfTI and PNG outputs are written; ``None`` keeps only the arrays.
-        num_samples: samples to draw; more than one also returns the voxel-wise standard deviation.
+        num_samples: posterior samples to draw; more than one also returns their voxel-wise standard
+            deviation as the uncertainty. The follow-up itself is the mean prediction (one network
+            pass); ``prediction="sample"`` returns the mean of the samples instead.
         bundle_root: the bundle folder whose configs and models are used.
         overrides: further config ids of ``configs/inference.json`` and their values; plain values
             only: a ``$`` expression anywhere in them (or in ``record``) is refused, so input from

@@ -54,9 +54,14 @@ class Commands:
         grid: Sequence[int] | None = None,
         normalization: str | None = None,
         margin_mm: float | None = None,
+        keep_failed_qc: bool = False,
         config: str = "prepare",
     ) -> None:
         """Target-region pre-registration of one pair (--initial, --followup) or of a whole cohort (--cohort).
+
+        A pair whose registration fails the QC ends the command with exit status 3 and the reason on
+        stderr (its folder holds qc.json and qc.png to inspect); in batch mode it is left out of the
+        datalist and listed in failures.json (exit status 1). --keep_failed_qc keeps such pairs.
 
         Args:
             out: output folder (the case folder for a pair, the prepared dataset for a cohort).
@@ -67,10 +72,13 @@ class Commands:
             grid: output grid in 1 mm voxels, e.g. 96,96,96 (default) or 512,512,256.
             normalization: "window" (default) or "minmax".
             margin_mm: dilation of the lungs in mm.
+            keep_failed_qc: prepare (and list in the datalist) pairs whose registration fails the QC.
             config: config name or path (default configs/prepare.json).
         """
         overrides = {k: v for k, v in (("segmenter", segmenter), ("normalization", normalization),
                                        ("margin_mm", margin_mm)) if v is not None}
+        if keep_failed_qc:
+            overrides["keep_failed_qc"] = True
         if grid is not None:
             overrides["grid"] = [int(g) for g in (grid if isinstance(grid, (list, tuple)) else str(grid).split(","))]
         if cohort is not None:
@@ -90,10 +98,22 @@ class Commands:
             return
         if initial is None or followup is None:
             raise UsageError("give --initial and --followup (one pair) or --cohort (batch mode)")
-        workflow = run_config([config], run_id="run_pair", initial=str(Path(initial).resolve()),
-                              followup=str(Path(followup).resolve()), out_dir=str(Path(out).resolve()), **overrides)
+        from custom.preregistration import RegistrationQCError
+        from custom.registration import RegistrationError
+
+        try:
+            workflow = run_config([config], run_id="run_pair", initial=str(Path(initial).resolve()),
+                                  followup=str(Path(followup).resolve()), out_dir=str(Path(out).resolve()), **overrides)
+        except Exception as error:
+            cause = root_cause(error)
+            # Read, but not aligned (QC failed, or ANTs stopped): a status of its own, not bad input's 2.
+            if isinstance(cause, (RegistrationQCError, RegistrationError)):
+                print(f"cirresdiff: registration failed: {cause}", file=sys.stderr)
+                sys.exit(3)
+            raise
         qc = workflow.parser.get_parsed_content("prepare_pair")
-        print(json.dumps({"out": str(Path(out).resolve()), "qc": qc["qc"], "warnings": qc["warnings"]}, indent=2))
+        print(json.dumps({"out": str(Path(out).resolve()), "qc": qc["qc"], "qc_failures": qc["qc_failures"],
+                          "warnings": qc["warnings"]}, indent=2))
 
     def pretrain(self, dataset: str | None = None, config: str = "pretrain_clip", **overrides) -> None:
         """CLIP pre-training of the lung-function text encoder (configs/pretrain_clip.json).

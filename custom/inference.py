@@ -168,10 +168,14 @@ class InferenceWriter:
 
     Args:
         output_dir: root folder of the outputs.
+        prediction: what ``followup.nii.gz`` is (``"mean"``: the mean prediction; ``"sample"``: the
+            mean of posterior samples), written into ``prediction.json``.
+        num_samples: posterior samples behind the uncertainty map (1: none).
     """
 
-    def __init__(self, output_dir: str | os.PathLike) -> None:
+    def __init__(self, output_dir: str | os.PathLike, prediction: str = "mean", num_samples: int = 1) -> None:
         self.output_dir = check_output_dir(output_dir)
+        self.prediction, self.num_samples = prediction, int(num_samples)
         self.written: list[dict] = []
 
     def attach(self, engine: Engine) -> None:
@@ -195,6 +199,9 @@ class InferenceWriter:
             mask=np.asarray(d["mask"][0]), title=f"{pid}: {d.get('text', '')}",
         )
         summary = {"patient": pid, "text": d.get("text"), "progression_probability": d.get("progression_probability"),
+                   "prediction": {"mean": "mean prediction", "sample": f"mean of {self.num_samples} posterior samples"}.get(
+                       self.prediction, self.prediction),
+                   "uncertainty_samples": self.num_samples if "uncertainty" in d else 0,
                    "files": {**files, "figure": str(figure)}}
         write_json(folder / "prediction.json", summary)
         self.written.append(summary)

@@ -205,16 +205,19 @@ class RegisterLungsd(MapTransform):
         fixed_key: key of the initial scan (its lungs under ``<fixed_key>_lungs``).
         moving_key: key of the follow-up scan (its lungs under ``<moving_key>_lungs``).
         margin_mm: dilation of each initial lung defining its region in the merge.
-        metric_margin_mm: dilation of the lung masks restricting the registration metric.
-        transform_type: ANTs transform type (``"Affine"``; ``"AffineFast"`` for quick tests).
+        metric_margin_mm: dilation of the initial lung mask restricting the registration metric.
+        registration_spacing_mm: isotropic voxel size the registration works at (applied at full resolution).
+        transform_type: ANTs linear transform, ``"Affine"``, ``"Similarity"`` or ``"Rigid"``.
         seed: positive seed of ANTs' random sampling.
     """
 
     def __init__(self, fixed_key: str = "image", moving_key: str = "target", margin_mm: float = 10.0,
-                 metric_margin_mm: float = 3.0, transform_type: str = "Affine", seed: int = 1) -> None:
+                 metric_margin_mm: float = 3.0, registration_spacing_mm: float = 2.0, transform_type: str = "Affine",
+                 seed: int = 1) -> None:
         super().__init__([fixed_key, moving_key])
         self.fixed_key, self.moving_key = fixed_key, moving_key
         self.margin_mm, self.metric_margin_mm = float(margin_mm), float(metric_margin_mm)
+        self.registration_spacing_mm = float(registration_spacing_mm)
         self.transform_type, self.seed = transform_type, int(seed)
 
     def __call__(self, data: Mapping) -> dict:
@@ -224,8 +227,8 @@ class RegisterLungsd(MapTransform):
         result = register_pair(
             np.asarray(fixed[0]), affine, np.asarray(d[f"{self.fixed_key}_lungs"][0]),
             np.asarray(moving[0]), np.asarray(moving.affine), np.asarray(d[f"{self.moving_key}_lungs"][0]),
-            margin_mm=self.margin_mm, metric_margin_mm=self.metric_margin_mm, transform_type=self.transform_type,
-            seed=self.seed,
+            margin_mm=self.margin_mm, metric_margin_mm=self.metric_margin_mm,
+            registration_spacing_mm=self.registration_spacing_mm, transform_type=self.transform_type, seed=self.seed,
         )
         d[self.moving_key] = as_meta(result["aligned"], affine, moving.meta)
         d[f"{self.moving_key}_unregistered"] = as_meta(result["unregistered"], affine, moving.meta)
@@ -412,30 +415,50 @@ def qc_figure(path: Path, initial: np.ndarray, before: np.ndarray, after: np.nda
         plt.close(fig)
 
 
+class RegistrationQCError(ValueError):
+    """A prepared pair whose registration fails the QC (a failed registration, or scans of different patients)."""
+
+
 class PairPreparer:
     """Prepare one (initial, follow-up) pair into a case folder: image, target, mask, qc.json, qc.png.
 
     The folder is written under a temporary name beside its destination and renamed when complete,
     so an interrupted or failing case leaves nothing that looks prepared.
 
+    The registration QC gates: a pair failing it is still written, for its qc.json and qc.png to
+    be inspected (``qc_passed`` false, the reasons under ``qc_failures``), but then
+    ``RegistrationQCError`` is raised, so that neither the command line (non-zero exit) nor
+    ``prepare_cohort`` (the pair stays out of the datalist, listed in failures.json) passes it on
+    as prepared, unless ``keep_failed_qc`` is set.
+
     Args:
         transform: the preparation chain (``configs/prepare.json#preparation`` or ``preparation_transform()``).
-        min_dice: warn (qc.json ``warnings``) when a lung's mask Dice after registration is below this
-            (a failed registration, or different patients).
-        min_ncc: warn when a lung's NCC after registration is below this (different patients?).
-        max_volume_change: warn when a lung's transform changes its volume by more than this fraction
-            (|det - 1|; breathing and a year of fibrosis change it less; different patients may not).
-        min_region_inside_grid: warn when less of the lung region fits the grid.
+        min_dice: a lung's mask Dice after registration below this fails the QC (a failed registration,
+            or different patients).
+        min_ncc: a lung's NCC of HU after registration below this fails the QC (different patients?).
+        max_volume_change: a lung transform changing its volume by more than this fraction (|det - 1|)
+            fails the QC (breathing and a year of fibrosis change it less; different patients may not).
+        max_dice_loss: a lung whose mask Dice after registration is lower than before by more than this
+            fails the QC (the registration made the overlap worse).
+        min_region_inside_grid: warn (not fail) when less of the lung region fits the grid.
+        keep_failed_qc: return a pair that fails the QC instead of raising ``RegistrationQCError``.
     """
 
     def __init__(self, transform: Callable[[dict], dict] | None = None, min_dice: float = 0.8, min_ncc: float = 0.25,
-                 max_volume_change: float = 0.25, min_region_inside_grid: float = 0.98) -> None:
+                 max_volume_change: float = 0.25, max_dice_loss: float = 0.01, min_region_inside_grid: float = 0.98,
+                 keep_failed_qc: bool = False) -> None:
         self.transform = transform if transform is not None else preparation_transform()
         self.min_dice, self.min_ncc = float(min_dice), float(min_ncc)
-        self.max_volume_change, self.min_region_inside_grid = float(max_volume_change), float(min_region_inside_grid)
+        self.max_volume_change, self.max_dice_loss = float(max_volume_change), float(max_dice_loss)
+        self.min_region_inside_grid, self.keep_failed_qc = float(min_region_inside_grid), bool(keep_failed_qc)
 
     def run_chain(self, initial: str, followup: str) -> tuple[dict, dict[str, float]]:
-        """Apply the chain step by step, timing each transform."""
+        """Apply the chain step by step, timing each transform.
+
+        Args:
+            initial: initial CT path.
+            followup: follow-up CT path.
+        """
         steps = self.transform.transforms if isinstance(self.transform, Compose) else [self.transform]
         d: dict = {"image": str(initial), "target": str(followup)}
         seconds = {}
@@ -446,28 +469,57 @@ class PairPreparer:
             seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - start, 3)
         return d, seconds
 
-    def warnings(self, d: dict) -> list[str]:
-        """QC warnings of a prepared pair."""
+    def qc_failures(self, record: Mapping) -> list[str]:
+        """Reasons a pair's registration fails the QC (none: it passes), from its qc.json record.
+
+        Computed from the recorded metrics, so a pair prepared earlier is judged by the same rules.
+
+        Args:
+            record: the qc.json content (``qc`` and ``transforms`` per lung).
+        """
         found = []
-        for lung, metrics in d["registration"]["qc"].items():
-            volume = float(np.linalg.det(np.asarray(d["registration"]["transforms"][lung])[:3, :3]))
+        for lung, metrics in record["qc"].items():
+            volume = float(np.linalg.det(np.asarray(record["transforms"][lung])[:3, :3]))
             if metrics["dice_after"] < self.min_dice:
                 found.append(f"{lung}: mask Dice after registration {metrics['dice_after']:.2f} < {self.min_dice:.2f}: "
                              "a failed registration or different patients?")
+            if metrics["dice_after"] < metrics["dice_before"] - self.max_dice_loss:
+                found.append(f"{lung}: the registration made the lungs overlap worse (mask Dice "
+                             f"{metrics['dice_before']:.3f} -> {metrics['dice_after']:.3f}): a failed registration")
             if metrics["ncc_after"] < self.min_ncc:
                 found.append(f"{lung}: NCC after registration {metrics['ncc_after']:.2f} < {self.min_ncc:.2f}: "
                              "different patients?")
             if abs(volume - 1.0) > self.max_volume_change:
                 found.append(f"{lung}: the registration changes the lung volume by a factor {volume:.2f}: "
                              "different patients or a failed registration?")
-        inside = float(d["mask"].meta["region_inside_grid"])
-        if inside < self.min_region_inside_grid:
-            found.append(f"the grid holds only {100 * inside:.1f} % of the lung region: use a larger grid")
         return found
+
+    def qc_warnings(self, record: Mapping) -> list[str]:
+        """Warnings that do not fail the QC: the grid's coverage of the lung region.
+
+        Args:
+            record: the qc.json content.
+        """
+        inside = float(record["region_inside_grid"])
+        if inside < self.min_region_inside_grid:
+            return [f"the grid holds only {100 * inside:.1f} % of the lung region: use a larger grid"]
+        return []
+
+    def check(self, record: Mapping, folder: Path) -> None:
+        """Raise ``RegistrationQCError`` when the pair fails the QC and failing pairs are not kept.
+
+        Args:
+            record: the qc.json content.
+            folder: the case folder (named in the message, for its qc.png).
+        """
+        failures = self.qc_failures(record)
+        if failures and not self.keep_failed_qc:
+            raise RegistrationQCError(f"{record['patient']}: registration QC failed: {'; '.join(failures)} "
+                                      f"(pictured in {folder / 'qc.png'}; keep_failed_qc keeps such a pair)")
 
     def __call__(self, initial: str | os.PathLike, followup: str | os.PathLike, out_dir: str | os.PathLike,
                  patient: str | None = None) -> dict:
-        """Prepare the pair; returns the QC record written to qc.json.
+        """Prepare the pair; returns the QC record written to qc.json (raises ``RegistrationQCError`` after writing it, see above).
 
         Args:
             initial: initial CT (DICOM folder or image file).
@@ -482,8 +534,11 @@ class PairPreparer:
         d, seconds = self.run_chain(initial, followup)
         qc = {"patient": patient or out.name, "initial": str(initial), "followup": str(followup),
               "grid": list(d["image"].shape[1:]), "normalization": d["image"].meta.get("normalization"),
-              **d["registration"], "region_inside_grid": round(float(d["mask"].meta["region_inside_grid"]), 4),
-              "warnings": self.warnings(d), "seconds": seconds}
+              **d["registration"], "region_inside_grid": round(float(d["mask"].meta["region_inside_grid"]), 4)}
+        qc["qc_failures"] = self.qc_failures(qc)
+        qc["qc_passed"] = not qc["qc_failures"]
+        qc["warnings"], qc["seconds"] = self.qc_warnings(qc), seconds
+        title = f"{qc['patient']}: registration QC" + (" FAILED" if qc["qc_failures"] else "")
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
@@ -491,13 +546,14 @@ class PairPreparer:
                 write_nifti(tmp / f"{key}.nii.gz", np.asarray(d[key][0], dtype=np.float32), np.asarray(d[key].affine))
             write_nifti(tmp / "mask.nii.gz", np.asarray(d["mask"][0], dtype=np.uint8), np.asarray(d["mask"].affine))
             qc_figure(tmp / "qc.png", *(np.asarray(d[k][0]) for k in ("image", "target_unregistered", "target", "mask")),
-                      title=f"{qc['patient']}: registration QC" + (" - WARNING" if qc["warnings"] else ""))
+                      title=title + (" - WARNING" if qc["warnings"] else ""))
             qc["seconds"]["total"] = round(time.perf_counter() - start, 3)
             write_json(tmp / "qc.json", qc)
             os.replace(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        self.check(qc, out)
         return qc
 
 
@@ -511,7 +567,9 @@ def prepare_cohort(cohort_dir: str | os.PathLike, prepared_dir: str | os.PathLik
     """Prepare every pair of a cohort and write the prepared datalist (layout in docs/architecture.md).
 
     Cases already complete are skipped (so an interrupted run resumes); a failing case is
-    reported, listed in ``failures.json`` and in the returned summary, and the run goes on.
+    reported, listed in ``failures.json`` and in the returned summary, and the run goes on. A pair
+    whose registration fails the QC is such a failure (its folder is kept for inspection) unless
+    the preparer keeps failing pairs; a kept pair's QC failures are listed under ``warnings``.
 
     Args:
         cohort_dir: cohort folder with ``datalist.json`` and ``lung_function.csv``.
@@ -546,6 +604,8 @@ def prepare_cohort(cohort_dir: str | os.PathLike, prepared_dir: str | os.PathLik
             if case_complete(folder):
                 qc = json.loads((folder / "qc.json").read_text(encoding="utf-8"))
                 summary["skipped"].append(patient)
+                # A pair prepared by an earlier run passes the same gate as a new one.
+                preparer.check(qc, folder)
             else:
                 if folder.exists():
                     raise FileExistsError(f"{folder} exists but is incomplete; remove it to prepare this case again")
@@ -556,8 +616,9 @@ def prepare_cohort(cohort_dir: str | os.PathLike, prepared_dir: str | os.PathLik
             tqdm.write(f"prepare: {patient} FAILED: {e}")
             logger.error("preparing %s failed: %s", patient, e)
             continue
-        if qc.get("warnings"):
-            summary["warnings"][patient] = qc["warnings"]
+        notes = preparer.qc_failures(qc) + list(qc.get("warnings", []))
+        if notes:
+            summary["warnings"][patient] = notes
         item = {"patient": patient, **{k: f"{patient}/{k}.nii.gz" for k in ("image", "target", "mask")},
                 **({"fold": entry["fold"]} if "fold" in entry else {}), **tables[patient]}
         prepared_list[section].append(item)

@@ -17,7 +17,7 @@ from cirresdiff_bundle.cli import main
 from custom.constants import HU_WINDOW
 from custom.io import CTInputError, load_ct
 from custom.preregistration import (
-    GridToSourced, PairPreparer, normalize_hu, prepare_cohort, preparation_transform, resample,
+    GridToSourced, PairPreparer, RegistrationQCError, normalize_hu, prepare_cohort, resample,
 )
 from custom.synthetic import generate_cohort
 from custom.text import read_lung_function
@@ -30,6 +30,14 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("cohort")
     generate_cohort(folder, n_patients=3, seed=0)
     return folder
+
+
+@pytest.fixture(scope="module")
+def mismatched(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The follow-up of another, larger patient: registration must stretch the lungs to fit."""
+    other = tmp_path_factory.mktemp("other")
+    generate_cohort(other, n_patients=1, seed=9, body_scale=0.32)
+    return other / "SYN0000" / "followup.nii.gz"
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +56,8 @@ def test_pair_outputs(prepared: Path, cohort: Path) -> None:
     x, y, m = image.get_fdata(), target.get_fdata(), mask.get_fdata() > 0
     assert 0.0 <= x.min() and x.max() <= 1.0 and np.all(x[~m] == 0) and np.all(y[~m] == 0)
     qc = json.loads((prepared / "qc.json").read_text(encoding="utf-8"))
-    assert qc["warnings"] == [] and set(qc["qc"]) == {"left_lung", "right_lung"}
+    assert qc["warnings"] == [] and qc["qc_passed"] and qc["qc_failures"] == []
+    assert set(qc["qc"]) == {"left_lung", "right_lung"}
     assert (prepared / "qc.png").read_bytes()[:4] == b"\x89PNG"
     # The grid lives in the initial scan's frame: the initial HU sampled at the grid's points is the image.
     hu, affine = load_ct(cohort / "SYN0000" / "initial.nii.gz")
@@ -103,17 +112,67 @@ def test_bad_input_leaves_nothing(cohort: Path, tmp_path: Path) -> None:
     assert not out.exists() and not any((tmp_path / "prepared").glob(".case*"))
 
 
-def test_mismatched_patients_are_flagged(cohort: Path, tmp_path: Path) -> None:
-    """A follow-up of another, larger patient: registration must stretch the lungs, and qc.json says so.
+def test_mismatched_patients_fail_the_qc(cohort: Path, mismatched: Path, tmp_path: Path) -> None:
+    """A follow-up of another, larger patient fails the QC: written for inspection, then refused unless kept.
 
     (Synthetic patients of similar size share one anatomical template and cannot all be told apart;
     docs/preregistration.md gives the measured detection rate.)
     """
-    other = tmp_path / "other"
-    generate_cohort(other, n_patients=1, seed=9, body_scale=0.32)
-    qc = PairPreparer(preparation_transform(transform_type="AffineFast"))(
-        cohort / "SYN0000" / "initial.nii.gz", other / "SYN0000" / "followup.nii.gz", tmp_path / "mixed")
-    assert any("different patients" in w for w in qc["warnings"]), qc
+    initial = cohort / "SYN0000" / "initial.nii.gz"
+    with pytest.raises(RegistrationQCError, match="different patients") as info:
+        PairPreparer()(initial, mismatched, tmp_path / "mixed")
+    assert "qc.png" in str(info.value)
+    qc = json.loads((tmp_path / "mixed" / "qc.json").read_text(encoding="utf-8"))
+    assert not qc["qc_passed"] and any("different patients" in f for f in qc["qc_failures"])
+    kept = PairPreparer(keep_failed_qc=True)(initial, mismatched, tmp_path / "kept")
+    assert kept["qc_failures"] == qc["qc_failures"] and not kept["qc_passed"]
+
+
+def test_qc_failures_read_the_recorded_metrics() -> None:
+    """The gate is a function of qc.json alone (so pairs prepared earlier are judged alike); each rule fires."""
+    record = {"transforms": {"left_lung": np.eye(4).tolist()},
+              "qc": {"left_lung": {"dice_before": 0.90, "dice_after": 0.95, "ncc_before": 0.5, "ncc_after": 0.8}}}
+    preparer = PairPreparer(transform=lambda d: d)
+    assert preparer.qc_failures(record) == []
+    record["qc"]["left_lung"].update(dice_before=0.83, dice_after=0.60)
+    (low, worse) = preparer.qc_failures(record)
+    assert "Dice after registration 0.60 < 0.80" in low and "overlap worse (mask Dice 0.830 -> 0.600)" in worse
+    record["qc"]["left_lung"].update(dice_before=0.95, dice_after=0.93, ncc_after=0.1)
+    record["transforms"]["left_lung"] = np.diag([1.1, 1.1, 1.1, 1.0]).tolist()
+    (worse, ncc, volume) = preparer.qc_failures(record)
+    assert "0.950 -> 0.930" in worse and "NCC" in ncc and "factor 1.33" in volume
+
+
+def test_cohort_gate_leaves_failed_pairs_out(cohort: Path, mismatched: Path, tmp_path: Path) -> None:
+    """A pair failing the QC is not in the datalist, is in failures.json with the reason, also on resume; kept on request."""
+    mixed = tmp_path / "cohort"
+    mixed.mkdir()
+    (mixed / "lung_function.csv").symlink_to(cohort / "lung_function.csv")
+    for patient in ("SYN0000", "SYN0001"):
+        (mixed / patient).mkdir()
+        (mixed / patient / "initial.nii.gz").symlink_to(cohort / patient / "initial.nii.gz")
+    (mixed / "SYN0000" / "followup.nii.gz").symlink_to(cohort / "SYN0000" / "followup.nii.gz")
+    (mixed / "SYN0001" / "followup.nii.gz").symlink_to(mismatched)
+    entries = [{"patient": p, "initial": f"{p}/initial.nii.gz", "followup": f"{p}/followup.nii.gz"}
+               for p in ("SYN0000", "SYN0001")]
+    (mixed / "datalist.json").write_text(json.dumps({"training": entries}), encoding="utf-8")
+
+    def listed(folder: Path) -> list[str]:
+        datalist = json.loads((folder / "datalist.json").read_text(encoding="utf-8"))
+        return sorted(e["patient"] for e in datalist["training"])
+
+    summary = prepare_cohort(mixed, tmp_path / "prepared", progress=False)
+    assert summary["prepared"] == ["SYN0000"] and list(summary["failed"]) == ["SYN0001"]
+    assert "registration QC failed" in summary["failed"]["SYN0001"] and listed(tmp_path / "prepared") == ["SYN0000"]
+    failures = json.loads((tmp_path / "prepared" / "failures.json").read_text(encoding="utf-8"))
+    assert "different patients" in failures["SYN0001"]
+    # The failed pair's folder stays for inspection; a resumed run judges it again and leaves it out again.
+    assert json.loads((tmp_path / "prepared" / "SYN0001" / "qc.json").read_text(encoding="utf-8"))["qc_passed"] is False
+    again = prepare_cohort(mixed, tmp_path / "prepared", progress=False)
+    assert list(again["failed"]) == ["SYN0001"] and listed(tmp_path / "prepared") == ["SYN0000"]
+    kept = prepare_cohort(mixed, tmp_path / "prepared", PairPreparer(keep_failed_qc=True), progress=False)
+    assert kept["failed"] == {} and listed(tmp_path / "prepared") == ["SYN0000", "SYN0001"]
+    assert any("different patients" in w for w in kept["warnings"]["SYN0001"])
 
 
 def test_cohort_batch(cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -127,7 +186,7 @@ def test_cohort_batch(cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
         (broken / "SYN0002" / f.name).symlink_to(f)
     (broken / "SYN0002" / "followup.nii.gz").unlink()
     (broken / "SYN0002" / "followup.nii.gz").write_bytes((cohort / "SYN0002" / "followup.nii.gz").read_bytes()[:3000])
-    preparer = PairPreparer(preparation_transform(transform_type="AffineFast"))
+    preparer = PairPreparer()
     summary = prepare_cohort(broken, tmp_path / "prepared", preparer, progress=False)
     assert sorted(summary["prepared"]) == ["SYN0000", "SYN0001"]
     assert list(summary["failed"]) == ["SYN0002"] and "followup.nii.gz" in summary["failed"]["SYN0002"]
@@ -167,6 +226,22 @@ def test_cli_bad_input_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureF
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_pair_failing_the_qc_exits_3(cohort: Path, mismatched: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture) -> None:
+    """One pair failing the QC: exit status 3 and the QC reason on stderr; --keep_failed_qc keeps it (status 0)."""
+    args = ["prepare", "--initial", str(cohort / "SYN0000" / "initial.nii.gz"), "--followup", str(mismatched)]
+    with pytest.raises(SystemExit) as info:
+        main([*args, "--out", str(tmp_path / "out")])
+    assert info.value.code == 3
+    err = capsys.readouterr().err
+    assert "registration QC failed" in err and "different patients" in err and "Traceback" not in err
+    main([*args, "--out", str(tmp_path / "kept"), "--keep_failed_qc"])
+    printed = capsys.readouterr().out
+    # MONAI's logging shares stdout: the command's own output is the JSON at its end.
+    qc = json.loads(printed[printed.rindex('{\n  "out"'):])
+    assert any("different patients" in f for f in qc["qc_failures"]) and (tmp_path / "kept" / "qc.json").is_file()
+
+
 def test_config_runs_from_any_folder(tmp_path: Path) -> None:
     cohort = tmp_path / "cohort"
     generate_cohort(cohort, n_patients=1, seed=5)
@@ -174,7 +249,7 @@ def test_config_runs_from_any_folder(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(BUNDLE_ROOT / "configs" / "prepare.json"),
          "--bundle_root", str(BUNDLE_ROOT), "--cohort_dir", str(cohort), "--prepared_dir", str(tmp_path / "prepared"),
-         "--grid", "[64, 64, 64]", "--transform_type", "AffineFast"],
+         "--grid", "[64, 64, 64]"],
         cwd=tmp_path, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     datalist = json.loads((tmp_path / "prepared" / "datalist.json").read_text(encoding="utf-8"))

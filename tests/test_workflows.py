@@ -68,9 +68,10 @@ def prepared(tmp_path_factory):
 def _train_overrides(prepared, out, **extra):
     return {"dataset_dir": str(prepared), "ckpt_dir": str(prepared / "models"), "output_dir": str(out),
             "model_path": str(out / "model.pt"), "max_epochs": 1, "val_interval": 1, "num_val_cases": 1,
-            "patches_per_case": 1, "batch_size": 2, "num_workers": 0, "min_gain_db": -1000.0, **TINY_MODEL, **extra}
-"""Tests of the plumbing lower the gate (a model must beat identity to become model.pt) out of the way;
-``test_training_writes_checkpoints_and_resumes`` tests the gate itself."""
+            "patches_per_case": 1, "batch_size": 2, "num_workers": 0, "min_gain_db": -1000.0, "ema_momentum": 0.999, **TINY_MODEL, **extra}
+"""Tests of the plumbing lower the gate (a model must beat identity to become model.pt) out of the way
+(``test_training_writes_checkpoints_and_resumes`` tests the gate itself), and validate the current
+weights: an EMA over two iterations would still be the untrained network, the identity."""
 
 
 def test_training_writes_checkpoints_and_resumes(prepared, tmp_path):
@@ -168,6 +169,7 @@ def test_inference_writes_followup_change_uncertainty_and_figure(prepared, raw_c
     assert (folder / "figure.png").stat().st_size > 10_000
     summary = json.loads((folder / "prediction.json").read_text(encoding="utf-8"))
     assert "forced vital capacity 2450 ml" in summary["text"]
+    assert summary["prediction"] == "mean prediction" and summary["uncertainty_samples"] == 2
     # Re-running skips the finished case instead of overwriting it.
     stamp = (folder / "followup.nii.gz").stat().st_mtime_ns
     run_config(["inference"], **inference)
