@@ -217,9 +217,10 @@ class BestModelSaver:
 class FinalValidation:
     """At the end of training, make sure the final model was validated, and say plainly when none beat the bar.
 
-    A training whose validation interval exceeds its length would otherwise end unvalidated; this
-    runs the validator once at completion when it never ran in this training, so the
-    ``BestModelSaver`` (and its ``min_score`` gate) decides about ``model.pt`` in every run. When
+    A training whose length is not a multiple of its validation interval would otherwise end with
+    its last iterations unvalidated (or with no validation at all); this runs the validator once
+    more at completion unless it just ran on the final weights, so the ``BestModelSaver`` (and its
+    ``min_score`` gate) sees the final model in every run. When
     no validated model cleared the bar, ``model.pt`` is left as it was and an error is logged and
     written to ``report_path``. Attach it to the trainer.
 
@@ -233,17 +234,19 @@ class FinalValidation:
         self.validator = validator
         self.best_model = best_model
         self.report_path = Path(report_path)
-        self.ran = False
+        self.trainer: Engine | None = None
+        self.validated_at: int | None = None
 
     def attach(self, engine: Engine) -> None:
+        self.trainer = engine
         self.validator.add_event_handler(Events.COMPLETED, self._mark)
         engine.add_event_handler(Events.COMPLETED, self)
 
     def _mark(self, _: Engine) -> None:
-        self.ran = True
+        self.validated_at = None if self.trainer is None else self.trainer.state.iteration
 
     def __call__(self, engine: Engine) -> None:
-        if not self.ran:
+        if self.validated_at != engine.state.iteration:
             self.validator.run()
         if self.best_model.saved:
             if _is_main_process():

@@ -71,6 +71,71 @@ def input_cases(
     return cases
 
 
+def lungs_inside_grid(lungs: np.ndarray, lungs_affine: np.ndarray, grid_shape: Sequence[int], grid_affine: np.ndarray) -> float:
+    """Share of the lung voxels whose centres fall inside a grid (by physical position).
+
+    Args:
+        lungs: lung labels on the scan's own grid.
+        lungs_affine: their voxel-to-RAS affine.
+        grid_shape: voxels of the model's grid.
+        grid_affine: its voxel-to-RAS affine.
+    """
+    idx = np.argwhere(lungs > 0)
+    if idx.size == 0:
+        return 0.0
+    mapping = np.linalg.inv(grid_affine) @ lungs_affine
+    grid_idx = idx @ mapping[:3, :3].T + mapping[:3, 3]
+    inside = np.all((grid_idx > -0.5) & (grid_idx < np.asarray(grid_shape) - 0.5), axis=1)
+    return float(inside.mean())
+
+
+class GridCoverageCheckd(MapTransform):
+    """Refuse a case whose lungs the model's grid does not hold, instead of silently predicting part of them.
+
+    The share of the lung voxels (undilated, where the disease is scored) inside the grid must
+    reach ``min_inside``; otherwise the case is refused with a message naming the case, the share
+    and the setting to change. With ``allow_cropped`` the case goes on, and ``cropped`` (the
+    shares) travels to ``prediction.json`` and the figure's title. Lungs that touch the border of
+    the scan (cut by its field of view, as in the synthetic cohort's apices) are recorded the same
+    way, with a warning: what lies outside the scan cannot be predicted, and the rest is.
+
+    Args:
+        keys: key of the region mask on the model's grid (its affine and shape define the grid).
+        lungs_key: key of the lung labels on the scan's own grid (before resampling).
+        min_inside: smallest share of the lung voxels the grid must hold.
+        allow_cropped: predict anyway and say so, instead of refusing.
+    """
+
+    def __init__(self, keys: Hashable = "mask", lungs_key: str = "image_lungs", min_inside: float = 0.98,
+                 allow_cropped: bool = False) -> None:
+        super().__init__(keys)
+        self.lungs_key, self.min_inside, self.allow_cropped = lungs_key, float(min_inside), bool(allow_cropped)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        lungs_image = d[self.lungs_key]
+        lungs = np.asarray(lungs_image[0]) > 0
+        for key in self.key_iterator(d):
+            region = d[key]
+            case = d.get("patient", region.meta.get("filename_or_obj", "the case"))
+            inside = lungs_inside_grid(lungs, np.asarray(lungs_image.affine), region.shape[1:], np.asarray(region.affine))
+            cut = bool(lungs[[0, -1]].any() or lungs[:, [0, -1]].any() or lungs[:, :, [0, -1]].any())
+            note = {"lungs_inside_grid": round(inside, 4), "region_inside_grid": round(float(region.meta["region_inside_grid"]), 4),
+                    "lungs_cut_by_scan": cut}
+            if inside < self.min_inside:
+                grid = "x".join(str(n) for n in region.shape[1:])
+                message = (f"{case}: only {100 * inside:.1f} % of the lungs fit the {grid} grid (at least "
+                           f"{100 * self.min_inside:.0f} % needed): set a larger 'grid'")
+                if not self.allow_cropped:
+                    raise ValueError(message + ", or 'allow_cropped' to predict the part that fits (the outputs then say so).")
+                logger.warning(message + "; predicting the part that fits ('allow_cropped').")
+                d["cropped"] = note
+            elif cut:
+                logger.warning(f"{case}: the lungs touch the border of the scan; what lies outside its field of view is not predicted")
+                d["cropped"] = note
+        return d
+
+
 class FollowupOutputsd(MapTransform):
     """From the model's output on its grid to outputs in the initial scan's space, in HU.
 
@@ -159,6 +224,14 @@ def load_classifier(network: torch.nn.Module, path: str | os.PathLike) -> torch.
     return load_network_weights(network, path)
 
 
+def _plain_cropped(cropped: Mapping | None) -> dict | bool:
+    """``GridCoverageCheckd``'s note as plain JSON values (the data loader batches them), or ``False``."""
+    if not cropped:
+        return False
+    return {key: (bool if key == "lungs_cut_by_scan" else float)(np.asarray(value).reshape(-1)[0])
+            for key, value in cropped.items()}
+
+
 class InferenceWriter:
     """Ignite handler writing each case's outputs atomically into ``<output_dir>/<patient>/``.
 
@@ -194,14 +267,17 @@ class InferenceWriter:
                 image = d[key]
                 files[key] = str(write_nifti(folder / name, np.asarray(image[0], dtype=np.float32), np.asarray(image.affine)))
         uncertainty = np.asarray(d["uncertainty_grid"][0]) if "uncertainty_grid" in d else None
+        cropped = _plain_cropped(d.get("cropped"))
         figure = save_comparison_figure(
             folder / "figure.png", np.asarray(d["image"][0]), np.asarray(d["pred_grid"][0]), uncertainty=uncertainty,
-            mask=np.asarray(d["mask"][0]), title=f"{pid}: {d.get('text', '')}",
+            mask=np.asarray(d["mask"][0]), title=(f"CROPPED PREDICTION ({100 * cropped['lungs_inside_grid']:.0f} % "
+                                                  "of the lungs in the grid) - " if cropped else "") + f"{pid}: {d.get('text', '')}",
         )
         summary = {"patient": pid, "text": d.get("text"), "progression_probability": d.get("progression_probability"),
                    "prediction": {"mean": "mean prediction", "sample": f"mean of {self.num_samples} posterior samples"}.get(
                        self.prediction, self.prediction),
                    "uncertainty_samples": self.num_samples if "uncertainty" in d else 0,
+                   "cropped": cropped,
                    "files": {**files, "figure": str(figure)}}
         write_json(folder / "prediction.json", summary)
         self.written.append(summary)

@@ -54,6 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prepared", type=Path, required=True, help="prepared cohort folder (datalist.json)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--datalist", type=Path, default=None, help="datalist to score (default: <prepared>/datalist.json)")
     parser.add_argument("--ckpt-dir", type=Path, default=BUNDLE_ROOT / "models", help="model.pt and text_encoder/")
     parser.add_argument("--samples", type=int, default=0, help="also score 1 sample and the mean of N samples")
     parser.add_argument("--limit", type=int, default=None, help="score the first N cases only")
@@ -64,7 +65,7 @@ def main() -> None:
 
     from custom.text import record_to_text
 
-    content = read_datalist(args.prepared / "datalist.json")
+    content = read_datalist(args.datalist or args.prepared / "datalist.json")
     entries = [e for section in ("training", "validation", "testing") for e in content.get(section, [])][: args.limit]
     overrides = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.override)}
     network = inferer = text_encoder = None

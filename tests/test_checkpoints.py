@@ -132,9 +132,9 @@ def test_gate_keeps_model_pt_when_no_model_beats_identity(tmp_path):
     final = FinalValidation(validator, best, tmp_path / "not_written.txt")
     trainer = Engine(lambda e, b: None)
     final.attach(trainer)
-    validator.run()  # a validation during training: worse than identity
-    trainer.run([0], max_epochs=1)  # it validated already: the final check does not run it again
-    assert "shipped" in safe_load(tmp_path / "model.pt") and best.best == -0.4 and not best.saved
+    validator.run()  # a validation before the last iteration: worse than identity
+    trainer.run([0], max_epochs=1)  # the final weights were not validated: the final check does it
+    assert "shipped" in safe_load(tmp_path / "model.pt") and best.best == -0.1 and not best.saved
     assert "was not written" in (tmp_path / "not_written.txt").read_text(encoding="utf-8")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -16,11 +17,12 @@ import torch
 from monai.bundle import ConfigParser, verify_net_in_out
 
 from cirresdiff_bundle import predict_followup
-from cirresdiff_bundle.cli import main
+from cirresdiff_bundle.cli import main, root_cause
 from cirresdiff_bundle.export import export_bundle
 
 RECORD = {"FVC": 2300, "Percent": 62.0, "Age": 71, "Sex": "Male", "SmokingStatus": "Ex-smoker"}
-SMALL = {"grid": [48, 48, 48], "sw_roi_size": [48, 48, 48]}
+SMALL = {"grid": [96, 96, 96]}
+"""The shipped grid: it holds the whole lung region of the synthetic cohort's chests (one mean-prediction pass)."""
 
 
 def test_verify_net_in_out_with_timestep_and_text_context(bundle_root):
@@ -100,12 +102,36 @@ def test_predict_followup_api_on_a_file_and_on_an_array(raw_case, tmp_path):
     assert np.allclose(again["followup"], result["followup"], atol=1e-3)  # same seed, same input, same output
 
 
+def test_lungs_that_do_not_fit_the_grid_are_refused_or_predicted_as_declared_crop(raw_case, tmp_path):
+    whole = predict_followup(raw_case, RECORD, output_dir=tmp_path / "whole", **SMALL)[0]["summary"]
+    # the synthetic scans cut the lung apices: recorded, the lungs inside the scan all predicted
+    assert whole["cropped"]["lungs_inside_grid"] == 1.0 and whole["cropped"]["lungs_cut_by_scan"]
+    with pytest.raises(Exception) as refused:
+        predict_followup(raw_case, RECORD, grid=[48, 48, 48])
+    assert re.search(r"SYN0000: only \d+\.\d % of the lungs fit the 48x48x48 grid.*'grid'", str(root_cause(refused.value)))
+    cropped = predict_followup(raw_case, RECORD, output_dir=tmp_path / "crop", grid=[48, 48, 48], allow_cropped=True)[0]
+    assert 0.0 < cropped["summary"]["cropped"]["lungs_inside_grid"] < 0.98
+    saved = json.loads((tmp_path / "crop" / "SYN0000" / "prediction.json").read_text(encoding="utf-8"))
+    assert saved["cropped"] == cropped["summary"]["cropped"]
+
+
+def test_share_of_the_lungs_inside_a_grid():
+    from custom.inference import lungs_inside_grid
+
+    lungs = np.zeros((20, 10, 10), dtype=np.uint8)
+    lungs[2:18, 2:8, 2:8] = 1
+    half = np.diag([1.0, 1.0, 1.0, 1.0])
+    half[0, 3] = 10.0  # a 10-voxel grid starting at x = 10 mm holds x = 10..17 of the lungs' 2..17
+    assert lungs_inside_grid(lungs, np.eye(4), (10, 10, 10), half) == pytest.approx(8 / 16)
+    assert lungs_inside_grid(lungs, np.eye(4), (20, 10, 10), np.eye(4)) == 1.0
+
+
 def test_cli_predict_and_exit_codes(raw_case, tmp_path, capsys):
     with pytest.raises(SystemExit) as missing:
         main(["predict", "--input", str(tmp_path / "missing.nii.gz")])
     assert missing.value.code == 2 and "missing.nii.gz" in capsys.readouterr().err
     with pytest.raises(SystemExit) as bad_record:
-        main(["predict", "--input", str(raw_case), "--record", json.dumps({"FVC": -3}), "--grid", "[48,48,48]"])
+        main(["predict", "--input", str(raw_case), "--record", json.dumps({"FVC": -3})])
     assert bad_record.value.code == 2 and "FVC" in capsys.readouterr().err
     help_text = subprocess.run([sys.executable, "-m", "cirresdiff_bundle.cli", "--help"], capture_output=True, encoding="utf-8", errors="replace",
                                env={**os.environ, "PAGER": "cat"})
@@ -122,7 +148,7 @@ def test_exported_archive_runs_inference_from_an_empty_folder(bundle_root, raw_c
     folder = tmp_path / "unpacked" / "cirresdiff_ipf"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--input",
-           str(raw_case), "--output_dir", str(tmp_path / "out"), "--grid", "[48,48,48]", "--sw_roi_size", "[48,48,48]"]
+           str(raw_case), "--output_dir", str(tmp_path / "out")]
     result = subprocess.run(cmd, cwd=folder, capture_output=True, encoding="utf-8", errors="replace", timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "out" / "SYN0000" / "followup.nii.gz").is_file()
