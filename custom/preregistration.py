@@ -42,8 +42,12 @@ from custom.text import read_lung_function
 
 logger = logging.getLogger(__name__)
 
-PREPARED_FILES = ("image.nii.gz", "target.nii.gz", "mask.nii.gz", "qc.json", "qc.png")
-"""Files of one prepared case; a case folder holding all of them is complete."""
+PREPARED_FILES = ("image.nii.gz", "target.nii.gz", "mask.nii.gz", "lungs.nii.gz", "qc.json", "qc.png")
+"""Files of one prepared case; a case folder holding all of them is complete. ``mask`` is the dilated
+lung region the model predicts; ``lungs`` the undilated lung labels of the initial scan, where it is scored."""
+
+REFERENCE_FILES = {"oracle": "oracle.nii.gz", "new_lesions": "new_lesions.nii.gz"}
+"""Extra files of a prepared synthetic case (``add_references``): the oracle follow-up and the new lesions."""
 
 
 def normalize_hu(hu: np.ndarray, mode: str = "window", window: Sequence[float] = HU_WINDOW,
@@ -391,7 +395,9 @@ def qc_figure(path: Path, initial: np.ndarray, before: np.ndarray, after: np.nda
     # The sagittal midline cuts the mediastinum; cut through the centre of the right lung (lower x) instead.
     centre[0] = int(round(ndimage.center_of_mass(mask[: centre[0]] > 0)[0]))
     tile = max(4, min(initial.shape) // 8)
-    checker = ((np.indices(initial.shape) // tile).sum(0) % 2).astype(bool)
+    # Broadcast 1-D tile indices: np.indices of a 512 x 512 x 256 grid alone is 1.6 GB and ~10 s.
+    checker = (sum(np.arange(n).reshape([-1 if a == axis else 1 for a in range(3)]) // tile
+                   for axis, n in enumerate(initial.shape)) % 2).astype(bool)
     columns = [("initial", initial), ("follow-up, unregistered", before), ("follow-up, registered", after),
                ("checkerboard initial / registered", np.where(checker, initial, after))]
     planes = [(lambda v: np.rot90(v[:, :, centre[2]]), "axial"), (lambda v: np.rot90(v[:, centre[1], :]), "coronal"),
@@ -545,6 +551,10 @@ class PairPreparer:
             for key in ("image", "target"):
                 write_nifti(tmp / f"{key}.nii.gz", np.asarray(d[key][0], dtype=np.float32), np.asarray(d[key].affine))
             write_nifti(tmp / "mask.nii.gz", np.asarray(d["mask"][0], dtype=np.uint8), np.asarray(d["mask"].affine))
+            lungs = d["image_lungs"]
+            write_nifti(tmp / "lungs.nii.gz", resample(np.asarray(lungs[0]), np.asarray(lungs.affine), np.asarray(d["mask"].affine),
+                                                       d["mask"].shape[1:], order=0, fill=0.0).astype(np.uint8),
+                        np.asarray(d["mask"].affine))
             qc_figure(tmp / "qc.png", *(np.asarray(d[k][0]) for k in ("image", "target_unregistered", "target", "mask")),
                       title=title + (" - WARNING" if qc["warnings"] else ""))
             qc["seconds"]["total"] = round(time.perf_counter() - start, 3)
@@ -555,6 +565,48 @@ class PairPreparer:
             raise
         self.check(qc, out)
         return qc
+
+
+def add_references(folder: Path, initial_lesions: Path, oracle: Path, oracle_lesions: Path,
+                   window: Sequence[float] = HU_WINDOW) -> dict[str, str]:
+    """Put a synthetic case's ground truth on its prepared grid: the oracle follow-up and the new lesions.
+
+    The generator renders the follow-up's anatomy in the initial scan's frame without motion or
+    noise (``oracle_followup``), with its lesion labels. On the prepared grid this gives the
+    oracle row of the evaluation (``oracle.nii.gz``, normalised like the image, zero outside the
+    region) and the disease-change region (``new_lesions.nii.gz``: follow-up lesion voxels that
+    are not lesions at baseline), both free of registration error. Existing files are kept.
+
+    Args:
+        folder: a complete prepared case folder.
+        initial_lesions: the initial scan's lesion labels (generator output).
+        oracle: the oracle follow-up in HU on the initial scan's grid.
+        oracle_lesions: its lesion labels.
+        window: HU window of the fixed-window normalisation (the only one the oracle supports).
+
+    Returns:
+        The written entries, ``{"oracle": path, "new_lesions": path}`` relative to the case folder's parent.
+    """
+    import nibabel as nib
+
+    def load(path: Path) -> tuple[np.ndarray, np.ndarray]:
+        image = nib.load(str(path))
+        return np.asarray(image.dataobj, dtype=np.float32), image.affine
+
+    if json.loads((folder / "qc.json").read_text(encoding="utf-8")).get("normalization") != "window":
+        raise ValueError(f"{folder}: the oracle is defined for the fixed-window normalisation only")
+    region, grid = load(folder / "mask.nii.gz")
+    if not (folder / REFERENCE_FILES["oracle"]).is_file():
+        hu, affine = load(oracle)
+        values = normalize_hu(resample(hu, affine, grid, region.shape, order=1, fill=AIR_HU), "window", window)
+        write_nifti(folder / REFERENCE_FILES["oracle"], np.where(region > 0, values, 0.0).astype(np.float32), grid)
+    if not (folder / REFERENCE_FILES["new_lesions"]).is_file():
+        before, affine = load(initial_lesions)
+        after, affine_after = load(oracle_lesions)
+        new = (resample(after, affine_after, grid, region.shape, order=0, fill=0.0) > 0) & \
+              (resample(before, affine, grid, region.shape, order=0, fill=0.0) == 0) & (region > 0)
+        write_nifti(folder / REFERENCE_FILES["new_lesions"], new.astype(np.uint8), grid)
+    return {key: f"{folder.name}/{name}" for key, name in REFERENCE_FILES.items()}
 
 
 def case_complete(folder: Path) -> bool:
@@ -611,6 +663,10 @@ def prepare_cohort(cohort_dir: str | os.PathLike, prepared_dir: str | os.PathLik
                     raise FileExistsError(f"{folder} exists but is incomplete; remove it to prepare this case again")
                 qc = preparer(cohort / entry["initial"], cohort / entry["followup"], folder, patient)
                 summary["prepared"].append(patient)
+            references = {}
+            if all(k in entry for k in ("initial_lesions", "oracle_followup", "oracle_followup_lesions")):
+                references = add_references(folder, cohort / entry["initial_lesions"], cohort / entry["oracle_followup"],
+                                            cohort / entry["oracle_followup_lesions"])
         except Exception as e:  # one bad case must not stop the cohort; it is reported below
             summary["failed"][patient] = f"{type(e).__name__}: {e}"
             tqdm.write(f"prepare: {patient} FAILED: {e}")
@@ -619,8 +675,8 @@ def prepare_cohort(cohort_dir: str | os.PathLike, prepared_dir: str | os.PathLik
         notes = preparer.qc_failures(qc) + list(qc.get("warnings", []))
         if notes:
             summary["warnings"][patient] = notes
-        item = {"patient": patient, **{k: f"{patient}/{k}.nii.gz" for k in ("image", "target", "mask")},
-                **({"fold": entry["fold"]} if "fold" in entry else {}), **tables[patient]}
+        item = {"patient": patient, **{k: f"{patient}/{k}.nii.gz" for k in ("image", "target", "mask", "lungs")},
+                **references, **({"fold": entry["fold"]} if "fold" in entry else {}), **tables[patient]}
         prepared_list[section].append(item)
     summary["datalist"] = str(write_json(out / "datalist.json", prepared_list))
     write_json(out / "failures.json", summary["failed"])
