@@ -94,10 +94,11 @@ class GridCoverageCheckd(MapTransform):
 
     The share of the lung voxels (undilated, where the disease is scored) inside the grid must
     reach ``min_inside``; otherwise the case is refused with a message naming the case, the share
-    and the setting to change. With ``allow_cropped`` the case goes on, and ``cropped`` (the
-    shares) travels to ``prediction.json`` and the figure's title. Lungs that touch the border of
-    the scan (cut by its field of view, as in the synthetic cohort's apices) are recorded the same
-    way, with a warning: what lies outside the scan cannot be predicted, and the rest is.
+    and the setting to change. With ``allow_cropped`` the case goes on as a declared crop. Every
+    case carries ``coverage`` (the shares, whether the lungs touch the border of the scan, and
+    whether the prediction is cropped) into ``prediction.json``; a crop, or lungs cut by the scan's
+    field of view (as in the synthetic cohort's apices: what lies outside the scan cannot be
+    predicted, the rest is), is also named in the figure's title and logged as a warning.
 
     Args:
         keys: key of the region mask on the model's grid (its affine and shape define the grid).
@@ -121,7 +122,7 @@ class GridCoverageCheckd(MapTransform):
             inside = lungs_inside_grid(lungs, np.asarray(lungs_image.affine), region.shape[1:], np.asarray(region.affine))
             cut = bool(lungs[[0, -1]].any() or lungs[:, [0, -1]].any() or lungs[:, :, [0, -1]].any())
             note = {"lungs_inside_grid": round(inside, 4), "region_inside_grid": round(float(region.meta["region_inside_grid"]), 4),
-                    "lungs_cut_by_scan": cut}
+                    "lungs_cut_by_scan": cut, "cropped": inside < self.min_inside}
             if inside < self.min_inside:
                 grid = "x".join(str(n) for n in region.shape[1:])
                 message = (f"{case}: only {100 * inside:.1f} % of the lungs fit the {grid} grid (at least "
@@ -129,10 +130,9 @@ class GridCoverageCheckd(MapTransform):
                 if not self.allow_cropped:
                     raise ValueError(message + ", or 'allow_cropped' to predict the part that fits (the outputs then say so).")
                 logger.warning(message + "; predicting the part that fits ('allow_cropped').")
-                d["cropped"] = note
-            elif cut:
+            if cut:
                 logger.warning(f"{case}: the lungs touch the border of the scan; what lies outside its field of view is not predicted")
-                d["cropped"] = note
+            d["coverage"] = note
         return d
 
 
@@ -224,12 +224,20 @@ def load_classifier(network: torch.nn.Module, path: str | os.PathLike) -> torch.
     return load_network_weights(network, path)
 
 
-def _plain_cropped(cropped: Mapping | None) -> dict | bool:
-    """``GridCoverageCheckd``'s note as plain JSON values (the data loader batches them), or ``False``."""
-    if not cropped:
-        return False
-    return {key: (bool if key == "lungs_cut_by_scan" else float)(np.asarray(value).reshape(-1)[0])
-            for key, value in cropped.items()}
+def _plain_coverage(coverage: Mapping | None) -> dict | None:
+    """``GridCoverageCheckd``'s note as plain JSON values (the data loader batches them)."""
+    if coverage is None:
+        return None
+    return {key: (float if key.endswith("_grid") else bool)(np.asarray(value).reshape(-1)[0]) for key, value in coverage.items()}
+
+
+def _title_note(coverage: Mapping | None) -> str:
+    """What the figure's title must say about the coverage: a declared crop, or lungs cut by the scan."""
+    if coverage and coverage["cropped"]:
+        return f"CROPPED PREDICTION ({100 * coverage['lungs_inside_grid']:.0f} % of the lungs in the grid) - "
+    if coverage and coverage["lungs_cut_by_scan"]:
+        return "(lungs cut by the scan's field of view) "
+    return ""
 
 
 class InferenceWriter:
@@ -267,17 +275,16 @@ class InferenceWriter:
                 image = d[key]
                 files[key] = str(write_nifti(folder / name, np.asarray(image[0], dtype=np.float32), np.asarray(image.affine)))
         uncertainty = np.asarray(d["uncertainty_grid"][0]) if "uncertainty_grid" in d else None
-        cropped = _plain_cropped(d.get("cropped"))
+        coverage = _plain_coverage(d.get("coverage"))
         figure = save_comparison_figure(
             folder / "figure.png", np.asarray(d["image"][0]), np.asarray(d["pred_grid"][0]), uncertainty=uncertainty,
-            mask=np.asarray(d["mask"][0]), title=(f"CROPPED PREDICTION ({100 * cropped['lungs_inside_grid']:.0f} % "
-                                                  "of the lungs in the grid) - " if cropped else "") + f"{pid}: {d.get('text', '')}",
+            mask=np.asarray(d["mask"][0]), title=_title_note(coverage) + f"{pid}: {d.get('text', '')}",
         )
         summary = {"patient": pid, "text": d.get("text"), "progression_probability": d.get("progression_probability"),
                    "prediction": {"mean": "mean prediction", "sample": f"mean of {self.num_samples} posterior samples"}.get(
                        self.prediction, self.prediction),
                    "uncertainty_samples": self.num_samples if "uncertainty" in d else 0,
-                   "cropped": cropped,
+                   "coverage": coverage,
                    "files": {**files, "figure": str(figure)}}
         write_json(folder / "prediction.json", summary)
         self.written.append(summary)

@@ -351,7 +351,7 @@ BAD_INPUTS = [
     ("record: unknown field", _record_row(FEV1=2.1), RecordError, r"P17: unknown lung-function field\(s\) \['FEV1'\]"),
     ("record not a mapping", record_not_a_mapping, RecordError, r"P17: .*must be a mapping"),
     ("lung-function CSV without a column", lung_function_csv_missing_column, ValueError, r"missing \['Percent'\]"),
-    ("config override of the wrong type", override_wrong_type, TypeError, r"max_epochs='ten' \(str\) does not fit its default 300"),
+    ("config override of the wrong type", override_wrong_type, TypeError, r"max_epochs='ten' \(str\) does not fit its default 70"),
     ("config override: number for a list", override_int_for_list, TypeError, r"grid=48 \(int\) does not fit"),
     ("record holding a config expression", record_holding_code, ValueError, r"would run as Python code.*record"),
     ("checkpoint of another network shape", checkpoint_other_network, ValueError, r"model\.pt do not fit this network"),

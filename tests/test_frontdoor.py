@@ -105,14 +105,16 @@ def test_predict_followup_api_on_a_file_and_on_an_array(raw_case, tmp_path):
 def test_lungs_that_do_not_fit_the_grid_are_refused_or_predicted_as_declared_crop(raw_case, tmp_path):
     whole = predict_followup(raw_case, RECORD, output_dir=tmp_path / "whole", **SMALL)[0]["summary"]
     # the synthetic scans cut the lung apices: recorded, the lungs inside the scan all predicted
-    assert whole["cropped"]["lungs_inside_grid"] == 1.0 and whole["cropped"]["lungs_cut_by_scan"]
+    assert whole["coverage"]["lungs_inside_grid"] == 1.0 and whole["coverage"]["lungs_cut_by_scan"]
+    assert not whole["coverage"]["cropped"]
     with pytest.raises(Exception) as refused:
         predict_followup(raw_case, RECORD, grid=[48, 48, 48])
     assert re.search(r"SYN0000: only \d+\.\d % of the lungs fit the 48x48x48 grid.*'grid'", str(root_cause(refused.value)))
     cropped = predict_followup(raw_case, RECORD, output_dir=tmp_path / "crop", grid=[48, 48, 48], allow_cropped=True)[0]
-    assert 0.0 < cropped["summary"]["cropped"]["lungs_inside_grid"] < 0.98
+    coverage = cropped["summary"]["coverage"]
+    assert coverage["cropped"] and 0.0 < coverage["lungs_inside_grid"] < 0.98
     saved = json.loads((tmp_path / "crop" / "SYN0000" / "prediction.json").read_text(encoding="utf-8"))
-    assert saved["cropped"] == cropped["summary"]["cropped"]
+    assert saved["coverage"] == coverage
 
 
 def test_share_of_the_lungs_inside_a_grid():
