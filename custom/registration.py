@@ -153,17 +153,29 @@ def rotation_degrees(matrix: np.ndarray) -> float:
     return float(np.degrees(np.arccos(np.clip((np.trace(u @ vt) - 1.0) / 2.0, -1.0, 1.0))))
 
 
-def bounding_box(mask: np.ndarray, margin_vox: np.ndarray) -> tuple[slice, ...]:
-    """Index box of a mask's voxels, widened by a margin and clipped to the array.
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
+    """Index box of a mask's voxels (two passes over the array: a whole scan's mask takes ~0.1 s).
 
     Args:
         mask: binary mask (not empty).
-        margin_vox: margin in voxels per axis.
     """
-    idx = np.nonzero(mask.any(axis=(1, 2))), np.nonzero(mask.any(axis=(0, 2))), np.nonzero(mask.any(axis=(0, 1)))
-    lo = np.array([i[0].min() for i in idx]) - np.ceil(margin_vox).astype(int)
-    hi = np.array([i[0].max() for i in idx]) + np.ceil(margin_vox).astype(int) + 1
-    return tuple(slice(int(a), int(b)) for a, b in zip(np.maximum(lo, 0), np.minimum(hi, mask.shape)))
+    columns = mask.any(axis=2)
+    ranges = [np.flatnonzero(columns.any(axis=1)), np.flatnonzero(columns.any(axis=0)),
+              np.flatnonzero(mask[columns.any(axis=1)].any(axis=(0, 1)))]
+    return tuple(slice(int(r[0]), int(r[-1]) + 1) for r in ranges)
+
+
+def expand_box(box: tuple[slice, ...], margin_mm: float, spacing: np.ndarray, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """A box widened by a physical margin (rounded up to whole voxels) and clipped to the array.
+
+    Args:
+        box: index box.
+        margin_mm: margin in mm.
+        spacing: voxel size in mm per axis.
+        shape: array size.
+    """
+    pad = np.ceil(margin_mm / np.asarray(spacing)).astype(int)
+    return tuple(slice(max(s.start - int(p), 0), min(s.stop + int(p), n)) for s, p, n in zip(box, pad, shape))
 
 
 def box_affine(affine: np.ndarray, box: tuple[slice, ...]) -> np.ndarray:
@@ -178,15 +190,15 @@ def box_affine(affine: np.ndarray, box: tuple[slice, ...]) -> np.ndarray:
     return out
 
 
-def dilate_in_box(mask: np.ndarray, radius_mm: float, spacing: np.ndarray) -> np.ndarray:
-    """``dilate_mm`` computed only in the box the dilation can reach (the same result, much less work on a whole scan).
+def dilate_in_box(mask: np.ndarray, box: tuple[slice, ...], radius_mm: float, spacing: np.ndarray) -> np.ndarray:
+    """``dilate_mm`` computed only in a box holding the mask and its margin: the same result, much less work on a scan.
 
     Args:
-        mask: binary mask (not empty).
+        mask: binary mask.
+        box: box holding every voxel of the mask, widened by at least ``radius_mm``.
         radius_mm: margin in mm.
         spacing: voxel size in mm per axis.
     """
-    box = bounding_box(mask, radius_mm / spacing + 1)
     out = np.zeros(mask.shape, dtype=bool)
     out[box] = dilate_mm(mask[box], radius_mm, spacing)
     return out
@@ -209,22 +221,27 @@ def registration_image(hu: np.ndarray, affine: np.ndarray, box: tuple[slice, ...
     return ants.resample_image(to_ants(array, box_affine(affine, box)), (spacing_mm,) * 3, use_voxels=False, interp_type=0)
 
 
-def registration_mask(mask: np.ndarray, affine: np.ndarray, box: tuple[slice, ...], like: ants.ANTsImage) -> ants.ANTsImage:
-    """A binary mask given on the scan's grid, on the grid of a registration image (linear, then > 0.5).
+def registration_mask(mask: np.ndarray, affine: np.ndarray, like: ants.ANTsImage) -> ants.ANTsImage:
+    """A binary mask on the grid of a registration image (linear, then > 0.5).
 
     Args:
-        mask: binary mask on the scan's grid.
-        affine: the scan's RAS affine.
-        box: index box of the registration image.
+        mask: binary mask on a box of the scan's grid.
+        affine: RAS affine of that box.
         like: the registration image.
     """
-    image = to_ants(mask[box].astype(np.float32), box_affine(affine, box))
+    image = to_ants(mask.astype(np.float32), affine)
     return ants.resample_image_to_target(image, like, interp_type="linear") > 0.5
 
 
-def centroid_ras(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Centre of mass of a mask, in RAS mm."""
-    return affine[:3, :3] @ np.asarray(ndimage.center_of_mass(mask)) + affine[:3, 3]
+def centroid_ras(mask: np.ndarray, affine: np.ndarray, box: tuple[slice, ...]) -> np.ndarray:
+    """Centre of mass of a mask, in RAS mm, computed in a box holding it.
+
+    Args:
+        mask: binary mask.
+        affine: its RAS affine.
+        box: box holding every voxel of the mask.
+    """
+    return box_affine(affine, box)[:3, :3] @ np.asarray(ndimage.center_of_mass(mask[box])) + box_affine(affine, box)[:3, 3]
 
 
 def register_lung(
@@ -257,16 +274,17 @@ def register_lung(
     if transform_type not in TRANSFORM_TYPES:
         raise ValueError(f"unknown transform_type {transform_type!r}: use one of {list(TRANSFORM_TYPES)}")
     spacing_f, spacing_m = voxel_spacing(affine_fixed), voxel_spacing(affine_moving)
-    extent = np.array([s.stop - s.start for s in bounding_box(fixed_lung, np.zeros(3))]) * spacing_f
+    lung_f, lung_m = bounding_box(fixed_lung), bounding_box(moving_lung)
+    extent = np.array([s.stop - s.start for s in lung_f]) * spacing_f
     registration_spacing_mm = min(float(registration_spacing_mm), float(extent.min()) / VOXELS_ACROSS_LUNG)
-    # The fixed box holds the metric mask and room for the coarsest level's blur (2 voxels of 4x the spacing).
-    box_f = bounding_box(fixed_lung, (metric_margin_mm + 8.0 * registration_spacing_mm) / spacing_f)
-    box_m = bounding_box(moving_lung, SEARCH_MARGIN_MM / spacing_m)
+    # The fixed box holds the metric mask and, beyond it, two sigmas of the coarsest level's blur (2 voxels).
+    box_f = expand_box(lung_f, metric_margin_mm + 4.0 * registration_spacing_mm, spacing_f, fixed_lung.shape)
+    box_m = expand_box(lung_m, SEARCH_MARGIN_MM, spacing_m, moving_lung.shape)
     fixed = registration_image(fixed_hu, affine_fixed, box_f, registration_spacing_mm)
     moving = registration_image(moving_hu, affine_moving, box_m, registration_spacing_mm)
-    mask = registration_mask(dilate_in_box(fixed_lung, metric_margin_mm, spacing_f), affine_fixed, box_f, fixed)
+    mask = registration_mask(dilate_mm(fixed_lung[box_f], metric_margin_mm, spacing_f), box_affine(affine_fixed, box_f), fixed)
     start = np.eye(4)
-    start[:3, 3] = centroid_ras(moving_lung, affine_moving) - centroid_ras(fixed_lung, affine_fixed)
+    start[:3, 3] = centroid_ras(moving_lung, affine_moving, lung_m) - centroid_ras(fixed_lung, affine_fixed, lung_f)
     with tempfile.TemporaryDirectory(prefix="cirresdiff_ants_") as tmp, ants_seed(seed):
         write_affine_ras(f"{tmp}/start.mat", start)
         result = ants.registration(
@@ -307,23 +325,26 @@ def warp(moving: np.ndarray, mapping: np.ndarray, box: tuple[slice, ...], order:
         order: 1 linear (HU), 0 nearest (labels).
         fill: value outside the follow-up.
     """
+    if np.allclose(mapping, np.eye(4), rtol=0.0, atol=1e-9) and all(s.stop <= n for s, n in zip(box, moving.shape)):
+        return moving[box].copy()  # the same grid: sampling voxel centres gives the voxels themselves
     start = np.array([s.start for s in box], dtype=float)
     shape = tuple(s.stop - s.start for s in box)
     return ndimage.affine_transform(moving, mapping[:3, :3], offset=mapping[:3, :3] @ start + mapping[:3, 3],
                                     output_shape=shape, order=order, mode="constant", cval=fill)
 
 
-def mapped_box(moving_mask: np.ndarray, mapping: np.ndarray, shape: tuple[int, ...]) -> tuple[slice, ...]:
-    """Box of the initial grid into which the follow-up mask falls under ``mapping`` (corners of its box mapped back).
+def mapped_box(moving_box: tuple[slice, ...], mapping: np.ndarray, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """Box of the initial grid that a box of the follow-up grid falls into under ``mapping`` (its corners mapped back).
 
     Args:
-        moving_mask: binary mask on the follow-up grid.
+        moving_box: index box on the follow-up grid.
         mapping: initial voxel index -> follow-up voxel index.
         shape: initial grid size.
     """
-    box = bounding_box(moving_mask, np.zeros(3))
-    corners = np.array(np.meshgrid(*[(s.start - 1, s.stop) for s in box], indexing="ij")).reshape(3, -1).T
-    back = corners @ np.linalg.inv(mapping)[:3, :3].T + np.linalg.inv(mapping)[:3, 3]
+    # Nearest-neighbour sampling reaches half a voxel beyond the box: widen it by one voxel to be safe.
+    corners = np.array(np.meshgrid(*[(s.start - 1, s.stop) for s in moving_box], indexing="ij")).reshape(3, -1).T
+    inverse = np.linalg.inv(mapping)
+    back = corners @ inverse[:3, :3].T + inverse[:3, 3]
     lo, hi = np.floor(back.min(0)).astype(int), np.ceil(back.max(0)).astype(int) + 1
     return tuple(slice(int(max(a, 0)), int(min(b, n))) for a, b, n in zip(lo, hi, shape))
 
@@ -345,35 +366,42 @@ def warped_dice(fixed_lung: np.ndarray, moving_lung: np.ndarray, mapping: np.nda
         moving_lung: the lung's mask, follow-up grid.
         mapping: initial voxel index -> follow-up voxel index.
     """
-    box = union_box(bounding_box(fixed_lung, np.zeros(3)), mapped_box(moving_lung, mapping, fixed_lung.shape))
+    box = union_box(bounding_box(fixed_lung), mapped_box(bounding_box(moving_lung), mapping, fixed_lung.shape))
     moved = warp(moving_lung.astype(np.uint8), mapping, box, order=0, fill=0) > 0
     return dice(fixed_lung[box], moved)
 
 
-def merge_lungs(fixed_labels: np.ndarray, regions: dict[int, np.ndarray], warped: dict[int, np.ndarray], spacing: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def merge_lungs(fixed_labels: np.ndarray, regions: dict[int, np.ndarray], warped: dict[int, np.ndarray],
+                spacing: np.ndarray, reach_mm: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Merge per-lung aligned follow-ups: each voxel takes the lung whose region (then mask) it belongs to.
 
-    Distances to the lungs are computed in the box of the regions' union, which holds every lung
-    (each region contains its lung), so they are exact there.
+    Distances to the lungs decide only where regions overlap, so they are computed in the box of
+    the overlap widened by ``reach_mm`` (a voxel of a region is that close to its lung), or, without
+    it, in the box of the regions' union, which holds every lung: exact either way.
 
     Args:
         fixed_labels: lung labels of the initial scan.
         regions: dilated region per lung label (initial scan), each containing its lung.
         warped: aligned follow-up per lung label.
         spacing: voxel size in mm.
+        reach_mm: how far a region extends beyond its lung at most (the dilation margin), if known.
 
     Returns:
         The merged follow-up (HU, air outside every region) and the label of the lung chosen per voxel.
     """
     labels = sorted(regions)
-    inside = np.stack([regions[lab] for lab in labels])
     choice = np.zeros(fixed_labels.shape, dtype=np.uint8)
-    if inside.any():
-        box = bounding_box(inside.any(0), np.zeros(3))
+    for lab in labels:
+        choice[regions[lab]] = lab
+    overlap = sum(regions[lab].astype(np.uint8) for lab in labels) > 1
+    if overlap.any():
+        box = bounding_box(np.logical_or.reduce([regions[lab] for lab in labels]) if reach_mm is None else overlap)
+        if reach_mm is not None:
+            box = expand_box(box, reach_mm, spacing, fixed_labels.shape)
         distance = np.stack([ndimage.distance_transform_edt(fixed_labels[box] != lab, sampling=spacing) for lab in labels])
-        inside_box = inside[(slice(None), *box)]
-        distance[~inside_box] = np.inf
-        choice[box] = np.where(inside_box.any(0), np.asarray(labels)[np.argmin(distance, axis=0)], 0)
+        distance[~np.stack([regions[lab][box] for lab in labels])] = np.inf
+        nearest = np.asarray(labels, dtype=np.uint8)[np.argmin(distance, axis=0)]
+        choice[box] = np.where(overlap[box], nearest, choice[box])
     merged = np.full(fixed_labels.shape, AIR_HU, dtype=np.float32)
     for lab in labels:
         merged[choice == lab] = warped[lab][choice == lab]
@@ -420,10 +448,7 @@ def register_pair(
     spacing_i = voxel_spacing(affine_initial)
     followup = np.asarray(followup, dtype=np.float32)
     identity = voxel_mapping(affine_initial, np.eye(4), affine_followup)
-    if followup.shape == initial.shape and np.allclose(identity, np.eye(4), atol=1e-6):
-        before = followup.copy()  # the same grid: resampling would only blur
-    else:
-        before = warp(followup, identity, tuple(slice(0, n) for n in initial.shape), order=1, fill=AIR_HU)
+    before = warp(followup, identity, tuple(slice(0, n) for n in initial.shape), order=1, fill=AIR_HU)
     regions, warped, transforms, qc = {}, {}, {}, {}
     for name, lab in LUNG_LABELS.items():
         fixed_lung = initial_labels == lab
@@ -433,8 +458,8 @@ def register_pair(
         transform = register_lung(initial, affine_initial, fixed_lung, followup, affine_followup, moving_lung,
                                   metric_margin_mm, registration_spacing_mm, transform_type, seed)
         mapping = voxel_mapping(affine_initial, transform, affine_followup)
-        regions[lab] = dilate_in_box(fixed_lung, margin_mm, spacing_i)
-        box = bounding_box(regions[lab], np.zeros(3))
+        box = expand_box(bounding_box(fixed_lung), margin_mm, spacing_i, initial.shape)
+        regions[lab] = dilate_in_box(fixed_lung, box, margin_mm, spacing_i)
         warped[lab] = np.full(initial.shape, AIR_HU, dtype=np.float32)
         warped[lab][box] = warp(followup, mapping, box, order=1, fill=AIR_HU)
         transforms[f"{name}_lung"] = transform.tolist()
@@ -446,5 +471,5 @@ def register_pair(
             "rotation_deg": rotation_degrees(transform),
             "volume_factor": float(np.linalg.det(transform[:3, :3])),
         }
-    aligned, choice = merge_lungs(initial_labels, regions, warped, spacing_i)
+    aligned, choice = merge_lungs(initial_labels, regions, warped, spacing_i, reach_mm=margin_mm)
     return {"aligned": aligned, "region": choice > 0, "transforms": transforms, "qc": qc, "unregistered": before}

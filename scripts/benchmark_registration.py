@@ -230,7 +230,8 @@ def evaluate_pair(folder: Path, truth: dict, options: dict) -> dict:
         row[name] = {"error_mean_mm": float(error.mean()), "error_max_mm": float(error.max()),
                      "motion_mean_mm": float(motion.mean()), "rotation_deg": rotation_degrees(t),
                      "rotation_error_deg": rotation_degrees(np.linalg.inv(t) @ e),
-                     "dice_before": qc["dice_before"], "dice_after": qc["dice_after"]}
+                     "dice_before": qc["dice_before"], "dice_after": qc["dice_after"],
+                     "ncc_before": qc["ncc_before"], "ncc_after": qc["ncc_after"]}
     return row
 
 
