@@ -181,6 +181,16 @@ def test_ants_stopping_at_its_start_is_an_error(pair: dict, monkeypatch: pytest.
                       pair["affine_followup"], pair["followup_labels"] == LEFT_LUNG)
 
 
+def test_rigid_transform_and_unknown_type(pair: dict) -> None:
+    """``Rigid`` keeps the lung's volume; ANTs types the schedule does not fit (``AffineFast``) are refused."""
+    args = (pair["initial"], pair["affine_initial"], pair["initial_labels"] == RIGHT_LUNG, pair["followup"],
+            pair["affine_followup"], pair["followup_labels"] == RIGHT_LUNG)
+    rigid = register_lung(*args, transform_type="Rigid")
+    assert abs(np.linalg.det(rigid[:3, :3]) - 1.0) < 1e-4
+    with pytest.raises(ValueError, match="unknown transform_type 'AffineFast'"):
+        register_lung(*args, transform_type="AffineFast")
+
+
 def test_write_affine_ras_round_trip(tmp_path: Path) -> None:
     matrix = np.eye(4)
     matrix[:3, :3] = Rotation.from_euler("xyz", [3.0, -5.0, 7.0], degrees=True).as_matrix() * 1.02
