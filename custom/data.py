@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Hashable, Mapping
 from pathlib import Path
+
+from monai.transforms import MapTransform
 
 logger = logging.getLogger(__name__)
 
@@ -139,3 +142,32 @@ class DatasetSplit:
         cases = self._content()["testing"]
         check_files_exist(cases, self.datalist)
         return cases
+
+
+class RegionAsLungsd(MapTransform):
+    """Let the dilated region stand in for the lung labels of a case that has none.
+
+    Cases prepared before the lung labels were written, and datalists from elsewhere (MONAI Label's
+    train task), carry only the region. Their loss weight and lung scores then count the whole
+    region, as before this bundle scored the lungs apart; a warning says so once.
+
+    Args:
+        keys: key of the lung labels.
+        region_key: key of the dilated lung region.
+    """
+
+    warned = False
+
+    def __init__(self, keys: Hashable = "lungs", region_key: str = "mask") -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        self.region_key = region_key
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.keys:
+            if key not in d:
+                if not RegionAsLungsd.warned:
+                    logger.warning(f"a case has no '{key}': its region '{self.region_key}' stands in for the lungs")
+                    RegionAsLungsd.warned = True
+                d[key] = d[self.region_key]
+        return d

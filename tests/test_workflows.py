@@ -68,10 +68,11 @@ def prepared(tmp_path_factory):
 def _train_overrides(prepared, out, **extra):
     return {"dataset_dir": str(prepared), "ckpt_dir": str(prepared / "models"), "output_dir": str(out),
             "model_path": str(out / "model.pt"), "max_epochs": 1, "val_interval": 1, "num_val_cases": 1,
-            "patches_per_case": 1, "batch_size": 2, "num_workers": 0, "min_gain_db": -1000.0, "ema_momentum": 0.999, **TINY_MODEL, **extra}
+            "patches_per_case": 1, "batch_size": 2, "num_workers": 0, "min_gain_db": -1000.0, "ema_momentum": 0.999, "warmup_iterations": 0, **TINY_MODEL, **extra}
 """Tests of the plumbing lower the gate (a model must beat identity to become model.pt) out of the way
 (``test_training_writes_checkpoints_and_resumes`` tests the gate itself), and validate the current
-weights: an EMA over two iterations would still be the untrained network, the identity."""
+weights without warm-up: an EMA, or a learning rate still warming up, over two iterations would
+leave the untrained network, the identity."""
 
 
 def test_training_writes_checkpoints_and_resumes(prepared, tmp_path):
