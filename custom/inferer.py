@@ -5,7 +5,8 @@ Every reverse step runs the denoiser over the *whole* volume with MONAI's
 and only then updates the volume, so neighbouring windows never disagree about the sample they
 share: there is one x_t per step, not one per patch.
 
-- ``ResidualShiftInferer``: starts from the initial scan (x_T = y0 + kappa sqrt(eta_T) noise) and
+- ``ResidualShiftInferer``: by default the mean prediction, one pass of the network at t = T on
+  x_T = y0; for samples it starts from the initial scan (x_T = y0 + kappa sqrt(eta_T) noise) and
   takes T (15) posterior steps with the network predicting x0 (the full model, DM-R / DM-R-CIP).
 - ``ConditionalDDPMInferer``: starts from pure noise and runs a MONAI DDPM/DDIM scheduler with the
   network predicting the noise, y0 concatenated (the paper's DM / DM-CIP baseline).
