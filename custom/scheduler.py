@@ -74,9 +74,9 @@ class ResidualShiftScheduler(nn.Module):
         num_train_timesteps: number of diffusion steps T (CIResDiff uses 15); all T are used for sampling.
         kappa: noise scale. ResShift's 2.0 was chosen for latents in [-1, 1]; on CT in [0, 1] its noise
             (SD >= 0.235 on 14 of 15 steps) drowns the residual y0 - x0 (RMS ~0.15), so the default is
-            the value chosen by validation (docs/README.md, "Choosing kappa"), as CIResDiff's released
-            code does. This default is the one place the value lives: every config builds the scheduler
-            with it, and ``scheduler#kappa`` overrides it for a sweep.
+            0.1, the value of CIResDiff's released code (docs/README.md, "Choosing kappa", has the
+            validation sweep). This default is the one place the value lives: every config builds the
+            scheduler with it, and ``scheduler#kappa`` overrides it for a sweep.
         min_noise_level: noise standard deviation at the first step before the cap (ResShift: 0.04).
         etas_end: eta_T (ResShift: 0.99).
         power: schedule warping p (ResShift: 0.3).
