@@ -32,6 +32,7 @@ from monai.networks.schedulers import Scheduler
 from monai.utils import ensure_tuple_rep
 from tqdm.auto import tqdm
 
+from custom.engines import plain_tensor
 from custom.scheduler import ResidualShiftScheduler
 
 TextEncoder = Callable[[Sequence[str]], torch.Tensor]
@@ -83,11 +84,6 @@ def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
         return squared.mean()
     weight = mask.to(squared).expand_as(squared)
     return (squared * weight).sum() / weight.sum().clamp_min(1.0)
-
-
-def _strip_meta(inputs: torch.Tensor) -> torch.Tensor:
-    """The images as a plain tensor: MONAI's metadata tracking on every network operation costs several times the step."""
-    return inputs.as_tensor() if isinstance(inputs, MetaTensor) else torch.as_tensor(inputs)
 
 
 def _like_inputs(output: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
@@ -284,7 +280,7 @@ class DiffusionSamplingInferer(Inferer):
             num_samples: samples per case; ``None`` uses the inferer's ``num_samples``.
             generator: random generator of the sampling noise; ``None`` seeds one from ``seed``.
         """
-        y0 = _strip_meta(inputs)
+        y0 = plain_tensor(inputs)
         context = self._context(y0.shape[0], y0.device, context)
         generator = generator if generator is not None else self._generator(y0.device)
         num_samples = num_samples or self.num_samples
@@ -314,10 +310,28 @@ class DiffusionSamplingInferer(Inferer):
             kwargs: unused, for the ``Inferer`` signature.
 
         Returns:
-            the mean sample (B, 1, ...), or ``[mean, std]`` (B, 2, ...) when ``return_uncertainty`` is set.
+            the follow-up (B, 1, ...): ``direct_prediction`` when it gives one, else the mean sample;
+            ``[follow-up, std of the samples]`` (B, 2, ...) when ``return_uncertainty`` is set.
         """
-        out = self.sample(inputs, network, context)
-        return _like_inputs(torch.cat([out.mean, out.std], dim=1) if self.return_uncertainty else out.mean, inputs)
+        followup = self.direct_prediction(inputs, network, context)
+        if followup is None or self.return_uncertainty:
+            out = self.sample(inputs, network, context)
+            followup = out.mean if followup is None else followup
+            if self.return_uncertainty:
+                followup = torch.cat([followup, out.std], dim=1)
+        return _like_inputs(followup, inputs)
+
+    def direct_prediction(
+        self, inputs: torch.Tensor, network: Callable, context: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """A follow-up computed without sampling, or ``None`` to return the mean of the samples (the default).
+
+        Args:
+            inputs: initial scans y0, (B, 1, D, H, W).
+            network: the denoiser.
+            context: text token features (B, L, D) or ``None``.
+        """
+        return None
 
 
 PREDICTIONS = ("mean", "sample")
@@ -363,7 +377,7 @@ class ResidualShiftInferer(DiffusionSamplingInferer):
             network: the denoiser.
             context: text token features (B, L, D) or ``None``.
         """
-        y0 = _strip_meta(inputs)
+        y0 = plain_tensor(inputs)
         context = self._context(y0.shape[0], y0.device, context)
         scheduler = self.scheduler.to(y0.device)
         t = scheduler.num_train_timesteps - 1
@@ -373,27 +387,17 @@ class ResidualShiftInferer(DiffusionSamplingInferer):
             for b in range(y0.shape[0])
         ])
 
-    def __call__(
-        self, inputs: torch.Tensor, network: Callable, context: torch.Tensor | None = None, *args, **kwargs
-    ) -> torch.Tensor:
-        """The follow-up of every case in ``inputs`` (initial scans, (B, 1, D, H, W)) in the inferer's mode.
+    def direct_prediction(
+        self, inputs: torch.Tensor, network: Callable, context: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """The mean prediction in ``"mean"`` mode; ``None`` (the mean of the samples) in ``"sample"`` mode.
 
         Args:
-            inputs: initial scans y0.
+            inputs: initial scans y0, (B, 1, D, H, W).
             network: the denoiser.
             context: text token features (B, L, D) or ``None``.
-            args: unused, for the ``Inferer`` signature.
-            kwargs: unused, for the ``Inferer`` signature.
-
-        Returns:
-            the follow-up (B, 1, ...), or ``[follow-up, std of the samples]`` (B, 2, ...) with ``return_uncertainty``.
         """
-        if self.prediction == "sample":
-            return super().__call__(inputs, network, context)
-        mean = self.predict_mean(inputs, network, context)
-        if self.return_uncertainty:
-            mean = torch.cat([mean, self.sample(inputs, network, context).std], dim=1)
-        return _like_inputs(mean, inputs)
+        return self.predict_mean(inputs, network, context) if self.prediction == "mean" else None
 
     def sample_one(
         self, network: Callable, y0: torch.Tensor, context: torch.Tensor | None, generator: torch.Generator | None
