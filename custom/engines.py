@@ -3,10 +3,15 @@
 MONAI's ``SupervisedTrainer`` calls ``prepare_batch(batch)`` to get ``(inputs, targets, args,
 kwargs)`` and then ``loss(inferer(inputs, network, *args, **kwargs), targets)``. The classes here
 put the forward diffusion process into ``prepare_batch``, so the trainer, a ``SimpleInferer`` and
-an ``MSELoss`` stay MONAI's own:
+the loss stay MONAI's own. This is the one training step of the bundle, with one base
+(``DiffusionPrepareBatch``) whose hooks a variant overrides:
 
-- residual shift (CIResDiff Eq. 2, ResShift): the network sees ``[x_t, y0]`` and learns x0;
-- conditional DDPM (the paper's "DM" baseline): the network sees ``[x_t, y0]`` and learns the noise.
+- conditional DDPM (the paper's "DM" baseline, the base itself): the network sees ``[x_t, y0]``
+  and learns what the scheduler's ``prediction_type`` says (the noise by default);
+- residual shift (CIResDiff Eq. 2, ResShift, ``ResidualShiftPrepareBatch``): the network sees
+  ``[scaled x_t, y0]`` and learns x0.
+
+``WeightedMSELoss`` is the loss when the prepare-batch returns voxel weights with the target.
 """
 
 from __future__ import annotations
@@ -16,7 +21,6 @@ from typing import Any
 
 import torch
 from monai.engines.utils import PrepareBatch
-from monai.networks.schedulers import Scheduler
 from monai.utils import convert_to_tensor
 
 TextEncoder = Callable[[Sequence[str]], torch.Tensor]
@@ -95,8 +99,8 @@ class WeightedMSELoss(torch.nn.Module):
     """Voxel-weighted mean squared error for targets that carry their weights as a last channel.
 
     MONAI's ``SupervisedTrainer`` calls ``loss(prediction, target)``; a prepare-batch that wants a
-    masked loss (``ResidualShiftPrepareBatch`` with ``lungs_key``) returns ``target`` as
-    ``[x0, weight]`` along the channels, and this loss splits them: sum(w (f - x0)^2) / sum(w).
+    masked loss (``DiffusionPrepareBatch`` with ``lungs_key``) returns ``target`` as
+    ``[target, weight]`` along the channels, and this loss splits them: sum(w (f - target)^2) / sum(w).
     """
 
     def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -104,16 +108,98 @@ class WeightedMSELoss(torch.nn.Module):
         return ((prediction.float() - target.float()) ** 2 * weight).sum() / weight.sum().clamp_min(1.0)
 
 
-class ResidualShiftPrepareBatch(ConditionalPrepareBatch):
-    """Training input of the residual-shift denoiser: ``x_t ~ q(x_t | x0, y0)`` at a random step.
+class DiffusionPrepareBatch(ConditionalPrepareBatch):
+    """Training input of a conditional denoiser: ``x_t`` of the forward process at a random step, and its target.
 
-    Returns inputs ``[scaled x_t, y0]`` (B, 2, ...), target x0 and the kwargs ``timesteps`` and
-    ``context`` for the network, so that minimising the MSE is the loss
+    One base with hooks, as MONAI's ``DiffusionPrepareBatch``: ``get_timesteps``, ``get_noise``,
+    ``forward_process``, ``model_input`` and ``get_target``. As it stands it is the conditional
+    DDPM baseline (the paper's "DM"): ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` (Ho et al.
+    2020) and the target follows the scheduler's ``prediction_type``: the noise (``"epsilon"``),
+    x0 (``"sample"``) or the velocity (``"v_prediction"``). It returns inputs ``[x_t, y0]``
+    (B, 2, ...), the target and the kwargs ``timesteps`` and ``context`` of the network.
+
+    With ``lungs_key`` the target is ``[target, weight]`` along the channels for ``WeightedMSELoss``
+    (weights from ``loss_weight``).
+
+    Args:
+        scheduler: the scheduler defining the forward process (a MONAI ``DDPMScheduler`` or
+            ``DDIMScheduler`` here, the ``ResidualShiftScheduler`` in ``ResidualShiftPrepareBatch``).
+        text_encoder: see ``ConditionalPrepareBatch``.
+        image_key: batch key of the initial scan y0.
+        target_key: batch key of the follow-up scan x0.
+        text_key: batch key of the lung-function texts.
+        lungs_key: batch key of the lung labels for a weighted loss; ``None`` returns the target alone.
+        region_key: batch key of the dilated lung region (used with ``lungs_key``).
+        outside_lung_weight: see ``loss_weight``.
+    """
+
+    def __init__(
+        self,
+        scheduler: torch.nn.Module,
+        text_encoder: TextEncoder | None = None,
+        image_key: str = "image",
+        target_key: str = "target",
+        text_key: str = "text",
+        lungs_key: str | None = None,
+        region_key: str = "mask",
+        outside_lung_weight: float = 0.1,
+    ) -> None:
+        super().__init__(text_encoder, image_key, target_key, text_key)
+        self.scheduler = scheduler
+        self.lungs_key, self.region_key = lungs_key, region_key
+        self.outside_lung_weight = float(outside_lung_weight)
+
+    def get_timesteps(self, x0: torch.Tensor) -> torch.Tensor:
+        """One step per patch, uniform over the scheduler's training steps."""
+        return torch.randint(0, self.scheduler.num_train_timesteps, (x0.shape[0],), device=x0.device)
+
+    def get_noise(self, x0: torch.Tensor) -> torch.Tensor:
+        """Standard normal noise of x0's shape."""
+        return torch.randn_like(x0)
+
+    def forward_process(self, x0: torch.Tensor, y0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x_t, timesteps, noise)``: a draw of the forward process at random steps (the steps are drawn first)."""
+        timesteps = self.get_timesteps(x0)
+        noise = self.get_noise(x0)
+        return self.scheduler.add_noise(original_samples=x0, noise=noise, timesteps=timesteps), timesteps, noise
+
+    def model_input(self, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the network sees of x_t: x_t itself (the DDPM baseline does not scale it)."""
+        return x_t
+
+    def get_target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the network learns to output, as the scheduler's ``prediction_type`` says."""
+        prediction_type = getattr(self.scheduler, "prediction_type", "epsilon")
+        if prediction_type == "epsilon":
+            return noise
+        if prediction_type == "sample":
+            return x0
+        if prediction_type == "v_prediction":
+            return self.scheduler.get_velocity(x0, noise, timesteps)
+        raise ValueError(f"unknown prediction_type {prediction_type!r} of {type(self.scheduler).__name__}.")
+
+    def __call__(
+        self, batchdata: dict, device: torch.device | str | None = None, non_blocking: bool = False, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
+        y0, x0 = self.images(batchdata, device, non_blocking)
+        x_t, timesteps, noise = self.forward_process(x0, y0)
+        inputs = torch.cat([self.model_input(x_t, timesteps), y0], dim=1)
+        target = self.get_target(x0, noise, timesteps)
+        if self.lungs_key is not None:
+            lungs = plain_tensor(batchdata[self.lungs_key], device, non_blocking)
+            region = plain_tensor(batchdata[self.region_key], device, non_blocking)
+            target = torch.cat([target, loss_weight(lungs, region, self.outside_lung_weight)], dim=1)
+        return inputs, target, (), {"timesteps": timesteps, "context": self.context(batchdata, device)}
+
+
+class ResidualShiftPrepareBatch(DiffusionPrepareBatch):
+    """Training input of the residual-shift denoiser: ``x_t ~ q(x_t | x0, y0)`` at a random step, target x0.
+
+    Inputs ``[scaled x_t, y0]`` and target x0, so that minimising the MSE is the loss
     ``||f(x_t, y0, t, text) - x0||^2`` of CIResDiff Eq. 4.
 
     A share ``mean_fraction`` of the patches is instead given the prior's mean, x_T = y0 at
     t = T: there the loss trains the conditional-mean predictor (``ResidualShiftInferer.predict_mean``).
-    With ``lungs_key`` the target is ``[x0, weight]`` for ``WeightedMSELoss`` (``loss_weight``).
 
     Args:
         scheduler: the ``ResidualShiftScheduler`` that owns the eta schedule.
@@ -122,14 +208,14 @@ class ResidualShiftPrepareBatch(ConditionalPrepareBatch):
         target_key: batch key of the follow-up scan x0.
         text_key: batch key of the lung-function texts.
         mean_fraction: probability that a patch trains the mean predictor instead of a random step.
-        lungs_key: batch key of the lung labels for a weighted loss; ``None`` returns x0 alone.
-        region_key: batch key of the dilated lung region (used with ``lungs_key``).
+        lungs_key: see ``DiffusionPrepareBatch``.
+        region_key: see ``DiffusionPrepareBatch``.
         outside_lung_weight: see ``loss_weight``.
     """
 
     def __init__(
         self,
-        scheduler: Scheduler,
+        scheduler: torch.nn.Module,
         text_encoder: TextEncoder | None = None,
         image_key: str = "image",
         target_key: str = "target",
@@ -139,69 +225,30 @@ class ResidualShiftPrepareBatch(ConditionalPrepareBatch):
         region_key: str = "mask",
         outside_lung_weight: float = 0.1,
     ) -> None:
-        super().__init__(text_encoder, image_key, target_key, text_key)
+        super().__init__(scheduler, text_encoder, image_key, target_key, text_key, lungs_key, region_key,
+                         outside_lung_weight)
         if not 0.0 <= mean_fraction <= 1.0:
             raise ValueError(f"mean_fraction must be in [0, 1], got {mean_fraction}.")
-        self.scheduler = scheduler
         self.mean_fraction = float(mean_fraction)
-        self.lungs_key, self.region_key = lungs_key, region_key
-        self.outside_lung_weight = float(outside_lung_weight)
 
-    def __call__(
-        self, batchdata: dict, device: torch.device | str | None = None, non_blocking: bool = False, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
-        y0, x0 = self.images(batchdata, device, non_blocking)
-        last = self.scheduler.num_train_timesteps - 1
-        timesteps = torch.randint(0, self.scheduler.num_train_timesteps, (x0.shape[0],), device=x0.device)
+    def forward_process(self, x0: torch.Tensor, y0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x_t, timesteps, noise)`` with x_t = x0 + eta_t e0 + kappa sqrt(eta_t) noise, or y0 at t = T for mean patches."""
+        timesteps = self.get_timesteps(x0)
         # no draw when unused, so that a run without mean patches replays the same random stream
         at_mean = (torch.rand(x0.shape[0], device=x0.device) < self.mean_fraction if self.mean_fraction > 0
                    else torch.zeros(x0.shape[0], dtype=torch.bool, device=x0.device))
-        timesteps = torch.where(at_mean, torch.full_like(timesteps, last), timesteps)
-        x_t = self.scheduler.add_noise(x0, y0, torch.randn_like(x0), timesteps)
-        x_t = torch.where(at_mean.reshape(-1, *([1] * (x0.ndim - 1))), y0, x_t)
-        inputs = torch.cat([self.scheduler.scale_model_input(x_t, timesteps), y0], dim=1)
-        target = x0
-        if self.lungs_key is not None:
-            lungs = plain_tensor(batchdata[self.lungs_key], device, non_blocking)
-            region = plain_tensor(batchdata[self.region_key], device, non_blocking)
-            target = torch.cat([x0, loss_weight(lungs, region, self.outside_lung_weight)], dim=1)
-        return inputs, target, (), {"timesteps": timesteps, "context": self.context(batchdata, device)}
+        timesteps = torch.where(at_mean, torch.full_like(timesteps, self.scheduler.num_train_timesteps - 1), timesteps)
+        noise = self.get_noise(x0)
+        x_t = self.scheduler.add_noise(x0, y0, noise, timesteps)
+        return torch.where(at_mean.reshape(-1, *([1] * (x0.ndim - 1))), y0, x_t), timesteps, noise
 
+    def model_input(self, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x_t as the scheduler scales it for the network (``ResidualShiftScheduler.scale_model_input``)."""
+        return self.scheduler.scale_model_input(x_t, timesteps)
 
-class ConditionalDDPMPrepareBatch(ConditionalPrepareBatch):
-    """Training input of the conditional DDPM baseline: ``x_t`` from pure-noise diffusion of x0.
-
-    Returns inputs ``[x_t, y0]``, the noise as target (epsilon prediction, Ho et al. 2020) and the
-    kwargs ``timesteps`` and ``context``.
-
-    Args:
-        scheduler: a MONAI ``DDPMScheduler`` (or ``DDIMScheduler``) defining the forward process.
-        text_encoder: see ``ConditionalPrepareBatch``.
-        image_key: batch key of the initial scan y0.
-        target_key: batch key of the follow-up scan x0.
-        text_key: batch key of the lung-function texts.
-    """
-
-    def __init__(
-        self,
-        scheduler: Scheduler,
-        text_encoder: TextEncoder | None = None,
-        image_key: str = "image",
-        target_key: str = "target",
-        text_key: str = "text",
-    ) -> None:
-        super().__init__(text_encoder, image_key, target_key, text_key)
-        self.scheduler = scheduler
-
-    def __call__(
-        self, batchdata: dict, device: torch.device | str | None = None, non_blocking: bool = False, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
-        y0, x0 = self.images(batchdata, device, non_blocking)
-        timesteps = torch.randint(0, self.scheduler.num_train_timesteps, (x0.shape[0],), device=x0.device)
-        noise = torch.randn_like(x0)
-        x_t = self.scheduler.add_noise(original_samples=x0, noise=noise, timesteps=timesteps)
-        inputs = torch.cat([x_t, y0], dim=1)
-        return inputs, noise, (), {"timesteps": timesteps, "context": self.context(batchdata, device)}
+    def get_target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x0: the residual-shift network predicts the follow-up itself."""
+        return x0
 
 
 class SamplingPrepareBatch(ConditionalPrepareBatch):

@@ -1,4 +1,4 @@
-"""Whole-volume diffusion sampling with sliding windows, and the matching training losses (CIResDiff Sec. 2.2, 3.1).
+"""Whole-volume diffusion sampling with sliding windows (CIResDiff Sec. 2.2, 3.1).
 
 Every reverse step runs the denoiser over the *whole* volume with MONAI's
 ``SlidingWindowInferer`` (overlapping windows blended with a Gaussian or constant importance map)
@@ -15,8 +15,8 @@ Both share the sliding-window machinery (``DiffusionSamplingInferer``) and the s
 ``network(torch.cat([x_t, y0], 1), timesteps, context)``, so DM and DM-R differ only in the
 diffusion. Both follow MONAI's ``Inferer`` contract: ``inferer(inputs, network)`` with the initial
 scan alone returns the generated follow-up (MONAI Label calls it this way); the lung-function
-text context is an optional keyword. ``training_loss`` gives the loss of one training step on
-patches, for an Ignite iteration function.
+text context is an optional keyword. The denoisers are trained by the one training step of
+``custom.engines`` (its prepare-batch classes), not here.
 """
 
 from __future__ import annotations
@@ -52,38 +52,6 @@ class SamplingOutput:
     mean: torch.Tensor
     std: torch.Tensor
     samples: torch.Tensor
-
-
-@dataclass
-class TrainingOutput:
-    """Result of ``training_loss``: the loss and what it compared, for logging and metrics.
-
-    Attributes:
-        loss: scalar mean squared error (inside the mask when one was given).
-        prediction: the network's output.
-        target: what the network should have output (x0, or the noise for the DDPM baseline).
-        timesteps: the diffusion steps drawn for the batch, (B,).
-    """
-
-    loss: torch.Tensor
-    prediction: torch.Tensor
-    target: torch.Tensor
-    timesteps: torch.Tensor
-
-
-def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean squared error over all voxels, or over the voxels where ``mask`` is non-zero.
-
-    Args:
-        prediction: network output (B, C, ...).
-        target: target of the same shape.
-        mask: optional (B, 1, ...) or (B, C, ...) region (e.g. the dilated lungs); it weights the voxels.
-    """
-    squared = (prediction.float() - target.float()) ** 2
-    if mask is None:
-        return squared.mean()
-    weight = mask.to(squared).expand_as(squared)
-    return (squared * weight).sum() / weight.sum().clamp_min(1.0)
 
 
 def _like_inputs(output: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
@@ -220,27 +188,6 @@ class DiffusionSamplingInferer(Inferer):
             generator: random generator of the sampling noise, or ``None`` for the global state.
         """
 
-    @abstractmethod
-    def training_loss(
-        self,
-        network: Callable,
-        x0: torch.Tensor,
-        y0: torch.Tensor,
-        context: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> TrainingOutput:
-        """The loss of one training step on a batch of patches, with a uniformly drawn step per patch.
-
-        Args:
-            network: the denoiser.
-            x0: follow-up patches (B, 1, ...).
-            y0: initial patches (B, 1, ...).
-            context: text features (B, L, D) or ``None``.
-            mask: optional region (B, 1, ...) restricting the loss.
-            generator: random generator of the steps and the noise.
-        """
-
     def _context(self, batch_size: int, device: torch.device, context: torch.Tensor | None) -> torch.Tensor | None:
         if context is not None or self.text_encoder is None:
             return context
@@ -253,11 +200,6 @@ class DiffusionSamplingInferer(Inferer):
 
     def _steps(self, steps: Iterable[int]) -> Iterable[int]:
         return tqdm(steps, desc="reverse diffusion", leave=False) if self.progress else steps
-
-    @staticmethod
-    def _draw_timesteps(num_timesteps: int, x0: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        device = generator.device if generator is not None else x0.device
-        return torch.randint(0, num_timesteps, (x0.shape[0],), generator=generator, device=device).to(x0.device)
 
     @torch.inference_mode()
     def sample(
@@ -410,30 +352,6 @@ class ResidualShiftInferer(DiffusionSamplingInferer):
             x_t, _ = scheduler.step(x0_pred, t, x_t, generator)
         return x_t
 
-    def training_loss(
-        self,
-        network: Callable,
-        x0: torch.Tensor,
-        y0: torch.Tensor,
-        context: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> TrainingOutput:
-        """||f(x_t, y0, t, text) - x0||^2 with t uniform and x_t ~ q(x_t | x0, y0) (CIResDiff Eq. 4).
-
-        Args:
-            network: the denoiser.
-            x0: follow-up patches (B, 1, ...).
-            y0: initial patches (B, 1, ...).
-            context: text features (B, L, D) or ``None``.
-            mask: optional region (B, 1, ...) restricting the loss.
-            generator: random generator of the steps and the noise.
-        """
-        timesteps = self._draw_timesteps(self.scheduler.num_train_timesteps, x0, generator)
-        x_t = self.scheduler.add_noise(x0, y0, _randn(x0.shape, x0, generator), timesteps)
-        prediction = network(torch.cat([self.scheduler.scale_model_input(x_t, timesteps), y0], dim=1), timesteps, context)
-        return TrainingOutput(masked_mse(prediction, x0, mask), prediction, x0, timesteps)
-
 
 class ConditionalDDPMInferer(DiffusionSamplingInferer):
     """Conditional DDPM/DDIM sampling from pure noise with y0 concatenated (the paper's DM baseline).
@@ -462,37 +380,3 @@ class ConditionalDDPMInferer(DiffusionSamplingInferer):
             model_output = self.denoise(network, x_t, y0, int(t), context)
             x_t, _ = self.scheduler.step(model_output, int(t), x_t, generator=generator)
         return x_t
-
-    def training_loss(
-        self,
-        network: Callable,
-        x0: torch.Tensor,
-        y0: torch.Tensor,
-        context: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> TrainingOutput:
-        """||f(x_t, y0, t, text) - eps||^2 with x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (Ho et al. 2020, Eq. 14).
-
-        With ``prediction_type="sample"`` the target is x0, with ``"v_prediction"`` the velocity.
-
-        Args:
-            network: the denoiser.
-            x0: follow-up patches (B, 1, ...).
-            y0: initial patches (B, 1, ...).
-            context: text features (B, L, D) or ``None``.
-            mask: optional region (B, 1, ...) restricting the loss.
-            generator: random generator of the steps and the noise.
-        """
-        timesteps = self._draw_timesteps(self.scheduler.num_train_timesteps, x0, generator)
-        noise = _randn(x0.shape, x0, generator)
-        x_t = self.scheduler.add_noise(original_samples=x0, noise=noise, timesteps=timesteps)
-        prediction = network(torch.cat([x_t, y0], dim=1), timesteps, context)
-        prediction_type = getattr(self.scheduler, "prediction_type", "epsilon")
-        if prediction_type == "epsilon":
-            target = noise
-        elif prediction_type == "sample":
-            target = x0
-        else:
-            target = self.scheduler.get_velocity(x0, noise, timesteps)
-        return TrainingOutput(masked_mse(prediction, target, mask), prediction, target, timesteps)

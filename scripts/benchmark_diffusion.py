@@ -36,6 +36,7 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from custom.engines import ResidualShiftPrepareBatch  # noqa: E402
 from custom.inferer import ConditionalDDPMInferer, DiffusionSamplingInferer, ResidualShiftInferer  # noqa: E402
 from custom.networks import AttentionDiffusionUNet  # noqa: E402
 from custom.scheduler import ResidualShiftScheduler  # noqa: E402
@@ -239,13 +240,18 @@ def kappa_experiment(args: argparse.Namespace) -> dict:
         for seed in range(args.kappa_seeds):
             torch.manual_seed(seed)
             generator = torch.Generator().manual_seed(seed)
-            inferer = ResidualShiftInferer(ResidualShiftScheduler(kappa=kappa), roi_size=args.kappa_size, seed=1000 + seed)
+            scheduler = ResidualShiftScheduler(kappa=kappa)
+            inferer = ResidualShiftInferer(scheduler, roi_size=args.kappa_size, seed=1000 + seed)
+            # the bundle's training step (configs/train.json) without text and mean patches; its
+            # steps and noise come from the global random state seeded above
+            prepare = ResidualShiftPrepareBatch(scheduler)
             network = AttentionDiffusionUNet(channels=(8, 16, 32), attention_levels=(False, False, False), norm_num_groups=4,
                                              num_head_channels=8, with_conditioning=False)
             optimiser = torch.optim.Adam(network.parameters(), lr=2e-3)
             for _ in range(args.kappa_train_steps):
                 y0, x0 = toy_pairs(4, args.kappa_size, generator)
-                loss = inferer.training_loss(network, x0, y0, generator=generator).loss
+                inputs, target, _, kwargs = prepare({"image": y0, "target": x0})
+                loss = torch.nn.functional.mse_loss(network(inputs, **kwargs), target)
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
@@ -306,7 +312,7 @@ def report_kappa(args: argparse.Namespace, kappa: dict) -> str:
         [
             f"Toy pairs in [0, 1], {args.kappa_size}^3: y0 a smoothed random texture in [0.1, 0.5], x0 = y0 plus a Gaussian "
             "blob of amplitude 0.1-0.3 (random centre and width). Per kappa and seed: a tiny denoiser (channels (8, 16, 32), "
-            f"no text) trained {args.kappa_train_steps} steps (batch 4, Adam 2e-3) with `ResidualShiftInferer.training_loss`, "
+            f"no text) trained {args.kappa_train_steps} steps (batch 4, Adam 2e-3) with `ResidualShiftPrepareBatch` and the MSE, "
             "then 15-step sampling of 8 held-out pairs; PSNR against x0 (data range 1), mean ± std over "
             f"{args.kappa_seeds} seeds. Identity (x0 = y0): {mean_std(kappa['identity'])} dB.",
             "",

@@ -7,7 +7,7 @@ import torch
 from monai.networks.schedulers import DDPMScheduler
 
 from custom.engines import (
-    ConditionalDDPMPrepareBatch, ResidualShiftPrepareBatch, SamplingPrepareBatch, WeightedMSELoss, loss_weight,
+    DiffusionPrepareBatch, ResidualShiftPrepareBatch, SamplingPrepareBatch, WeightedMSELoss, loss_weight,
 )
 from custom.scheduler import ResidualShiftScheduler
 
@@ -42,10 +42,29 @@ def test_residual_shift_batch_is_the_scaled_forward_process_with_x0_target():
 def test_ddpm_batch_learns_the_noise():
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     batch = _batch()
-    inputs, target, _, kwargs = ConditionalDDPMPrepareBatch(scheduler)(batch)
+    inputs, target, _, kwargs = DiffusionPrepareBatch(scheduler)(batch)
     abar = scheduler.alphas_cumprod[kwargs["timesteps"]].reshape(-1, 1, 1, 1, 1)
     assert torch.allclose(inputs[:, :1], abar.sqrt() * batch["target"] + (1 - abar).sqrt() * target, atol=1e-5)
     assert torch.equal(inputs[:, 1:], batch["image"]) and kwargs["context"] is None
+
+
+def test_ddpm_target_follows_the_prediction_type_of_the_scheduler():
+    batch = _batch()
+    torch.manual_seed(2)
+    _, eps, _, kwargs = DiffusionPrepareBatch(DDPMScheduler(num_train_timesteps=1000))(batch)
+    torch.manual_seed(2)
+    _, x0, _, _ = DiffusionPrepareBatch(DDPMScheduler(num_train_timesteps=1000, prediction_type="sample"))(batch)
+    assert torch.equal(x0, batch["target"])
+    torch.manual_seed(2)
+    v_scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+    _, v, _, _ = DiffusionPrepareBatch(v_scheduler)(batch)
+    # same draws (steps, then noise): the velocity of that noise, sqrt(abar) eps - sqrt(1 - abar) x0
+    abar = v_scheduler.alphas_cumprod[kwargs["timesteps"]].reshape(-1, 1, 1, 1, 1)
+    assert torch.allclose(v, abar.sqrt() * eps - (1 - abar).sqrt() * batch["target"], atol=1e-6)
+    unknown = DDPMScheduler(num_train_timesteps=10)
+    unknown.prediction_type = "score"
+    with pytest.raises(ValueError, match="prediction_type 'score'"):
+        DiffusionPrepareBatch(unknown)(batch)
 
 
 def test_missing_text_is_a_clear_error_and_inference_needs_no_target():
@@ -86,3 +105,8 @@ def test_weighted_loss_counts_the_lungs_fully_and_the_rest_of_the_region_a_littl
     prediction = torch.rand(1, 1, 4, 4, 4)
     expected = ((prediction - batch["target"]) ** 2 * weight).sum() / weight.sum()
     assert torch.allclose(WeightedMSELoss()(prediction, target), expected)
+    # the DDPM baseline is weighted the same way: its target, the noise, with the weight channel
+    _, noise_target, _, _ = DiffusionPrepareBatch(DDPMScheduler(num_train_timesteps=10), lungs_key="lungs")(batch)
+    assert noise_target.shape == (1, 2, 4, 4, 4) and torch.equal(noise_target[:, 1:], weight)
+    assert torch.allclose(WeightedMSELoss()(prediction, noise_target),
+                          ((prediction - noise_target[:, :1]) ** 2 * weight).sum() / weight.sum())

@@ -1,4 +1,4 @@
-"""Whole-volume sliding-window sampling (residual shift and DDPM/DDIM baseline) and the training losses."""
+"""Whole-volume sliding-window sampling (residual shift and DDPM/DDIM baseline), and what a trained denoiser gives it."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
+from custom.engines import ResidualShiftPrepareBatch, WeightedMSELoss
 from custom.inferer import ConditionalDDPMInferer, ResidualShiftInferer, SamplingOutput
 from custom.networks import AttentionDiffusionUNet
 from custom.scheduler import ResidualShiftScheduler
@@ -152,26 +153,6 @@ def test_monai_label_call_with_the_image_alone():
     assert inferer(y0, net).shape == y0.shape and texts == [["no record"]]
 
 
-def test_residual_training_loss_is_x0_prediction_at_a_uniform_step():
-    g = torch.Generator().manual_seed(8)
-    x0, y0 = torch.rand(4, 1, 8, 8, 8, generator=g), torch.rand(4, 1, 8, 8, 8, generator=g)
-    mask = (torch.rand(4, 1, 8, 8, 8, generator=g) > 0.5).float()
-    scheduler = ResidualShiftScheduler()
-    inferer = ResidualShiftInferer(scheduler, roi_size=8)
-    net = _Pointwise()
-    out = inferer.training_loss(net, x0, y0, mask=mask, generator=torch.Generator().manual_seed(9))
-    # replay the draws: steps first, then the noise
-    replay = torch.Generator().manual_seed(9)
-    t = torch.randint(0, 15, (4,), generator=replay)
-    x_t = scheduler.add_noise(x0, y0, torch.randn(x0.shape, generator=replay), t)
-    expected = net(torch.cat([scheduler.scale_model_input(x_t, t), y0], 1), t)
-    assert torch.equal(out.timesteps, t) and torch.equal(out.target, x0)
-    assert torch.allclose(out.prediction, expected)
-    assert torch.allclose(out.loss, ((expected - x0) ** 2 * mask).sum() / mask.sum())
-    out.loss.backward()
-    assert net.mix.weight.grad is not None
-
-
 def _toy_pair(g: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     x0 = torch.rand(n, 1, 16, 16, 16, generator=g) * 0.2 + 0.3
     y0 = x0.clone()
@@ -181,8 +162,6 @@ def _toy_pair(g: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_trained_small_denoiser_beats_the_identity_prediction():
     """The live training step (prepare batch + weighted loss) teaches both products, the mean and a sample."""
-    from custom.engines import ResidualShiftPrepareBatch, WeightedMSELoss
-
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(7)
     scheduler = ResidualShiftScheduler()
@@ -203,23 +182,6 @@ def test_trained_small_denoiser_beats_the_identity_prediction():
     for prediction in ("mean", "sample"):
         mse_model = torch.mean((ResidualShiftInferer(scheduler, roi_size=16, seed=11, prediction=prediction)(y0, net) - x0) ** 2).item()
         assert mse_model < 0.6 * mse_identity, (prediction, mse_model, mse_identity)
-
-
-def test_ddpm_baseline_loss_is_epsilon_prediction():
-    scheduler = DDPMScheduler(num_train_timesteps=1000)
-    inferer = ConditionalDDPMInferer(scheduler, roi_size=8)
-    g = torch.Generator().manual_seed(10)
-    x0, y0 = torch.rand(3, 1, 8, 8, 8, generator=g), torch.rand(3, 1, 8, 8, 8, generator=g)
-    net = _Pointwise()
-    out = inferer.training_loss(net, x0, y0, generator=torch.Generator().manual_seed(12))
-    replay = torch.Generator().manual_seed(12)
-    t = torch.randint(0, 1000, (3,), generator=replay)
-    eps = torch.randn(x0.shape, generator=replay)
-    abar = scheduler.alphas_cumprod[t].reshape(-1, 1, 1, 1, 1)
-    expected = net(torch.cat([abar.sqrt() * x0 + (1 - abar).sqrt() * eps, y0], 1), t)
-    assert torch.equal(out.timesteps, t) and torch.equal(out.target, eps)
-    assert torch.allclose(out.prediction, expected, atol=1e-6)
-    assert torch.allclose(out.loss, torch.mean((expected - eps) ** 2))
 
 
 def test_ddpm_and_ddim_baselines_sample_the_whole_volume_from_noise():
