@@ -83,7 +83,6 @@ class AttentionDiffusionUNet(nn.Module):
     GPU has ample room (wider channels or ``use_checkpointing`` are options, not needs).
 
     Args:
-        spatial_dims: must be 3.
         in_channels: input channels (x_t and y0).
         out_channels: output channels.
         channels: feature channels per resolution level.
@@ -105,7 +104,6 @@ class AttentionDiffusionUNet(nn.Module):
 
     def __init__(
         self,
-        spatial_dims: int = 3,
         in_channels: int = 2,
         out_channels: int = 1,
         channels: Sequence[int] = (32, 64, 128, 256),
@@ -121,8 +119,6 @@ class AttentionDiffusionUNet(nn.Module):
         use_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        if spatial_dims != 3:
-            raise ValueError("AttentionDiffusionUNet is a 3D network (spatial_dims=3).")
         if len(attention_levels) != len(channels):
             raise ValueError("attention_levels must have one entry per level of channels.")
         if any(c % norm_num_groups for c in channels):

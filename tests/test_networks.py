@@ -108,8 +108,6 @@ def test_invalid_configurations_are_refused():
         _tiny(attention_levels=(False, True))
     with pytest.raises(ValueError, match="norm_num_groups"):
         _tiny(norm_num_groups=3)
-    with pytest.raises(ValueError, match="3D"):
-        _tiny(spatial_dims=2)
 
 
 def test_residual_output_starts_as_the_identity_and_learns():
