@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 from cirresdiff_bundle.runner import BUNDLE_ROOT
+from custom.io import atomic_open
 
 INCLUDED = ("configs", "models", "custom", "docs", "LICENSE")
 """What a bundle consists of; tests, data, runs and the front-door package stay out."""
@@ -43,17 +43,9 @@ def export_bundle(out: str | os.PathLike, root: str | os.PathLike = BUNDLE_ROOT,
     out, root = Path(out), Path(root)
     if not (root / "models" / "model.pt").is_file():
         raise FileNotFoundError(f"{root / 'models' / 'model.pt'} is missing: a bundle ships its weights")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            for rel in bundle_files(root):
-                archive.write(root / rel, f"{name}/{rel.as_posix()}")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(out) as f, zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for rel in bundle_files(root):
+            archive.write(root / rel, f"{name}/{rel.as_posix()}")
     return out
 
 
@@ -84,13 +76,6 @@ def export_program(out: str | os.PathLike, root: str | os.PathLike = BUNDLE_ROOT
     window = [int(s) for s in parser["sw_roi_size"]]
     example = (torch.rand(1, 2, *window), torch.tensor([7]), torch.zeros(1, context_length, parser["context_dim"]))
     program = torch.export.export(network, example)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".pt2", dir=out.parent)
-    os.close(fd)
-    try:
-        torch.export.save(program, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(out) as f:
+        torch.export.save(program, f)
     return out

@@ -1,9 +1,9 @@
 """Checkpoints that survive being killed: atomic writes, resume from the last one, safe loading.
 
 MONAI's ``CheckpointSaver`` writes in place (``atomic=False``), so a process killed while saving
-can leave a truncated file where the last good checkpoint was. Here every file is written to a
-temporary name in the same folder, flushed to disk and renamed over the old one, which POSIX
-guarantees to be atomic. Every load uses ``torch.load(..., weights_only=True)``: a checkpoint can
+can leave a truncated file where the last good checkpoint was. Here every file is written with
+``custom.io.atomic_open``: to a temporary name in the same folder, flushed to disk and renamed
+over the old one, which POSIX guarantees to be atomic. Every load uses ``torch.load(..., weights_only=True)``: a checkpoint can
 carry tensors and plain containers, never code.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 
-from custom.io import atomic_write_bytes, check_output_dir
+from custom.io import atomic_open, atomic_write_bytes, check_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -45,18 +44,8 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         obj: what to save (state dicts, tensors, plain containers).
         path: destination file.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        torch.save(obj, f)
 
 
 def save_weights(network: torch.nn.Module, path: str | os.PathLike) -> Path:

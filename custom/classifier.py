@@ -11,7 +11,6 @@ approach those on real pairs.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ from monai.transforms import MapTransform
 from sklearn.metrics import roc_auc_score
 
 from custom.data import DatasetSplit, check_no_leakage
+from custom.io import write_json
 
 
 def pair_input(initial: torch.Tensor, followup: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -139,8 +139,5 @@ class ProgressionReport:
             "roc_auc": float(roc_auc_score(labels, probs)) if len(set(labels.tolist())) == 2 else None,
             "per_case": self.rows,
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(report, indent=2), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_json(self.path, report)
         return report

@@ -25,7 +25,9 @@ from monai.engines.utils import PrepareBatch
 from monai.networks.nets import ResNet
 from torch import nn
 
+from custom.checkpoints import unwrap
 from custom.data import DatasetSplit, check_no_leakage
+from custom.io import atomic_folder
 from custom.text import build_tokenizer
 
 
@@ -91,22 +93,10 @@ class TextEncoder(nn.Module):
         Args:
             folder: destination folder (replaced atomically).
         """
-        import shutil
-        import tempfile
-
-        folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
+        with atomic_folder(folder) as tmp:
             self.model.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return folder
+        return Path(folder)
 
 
 class FrozenTextEncoder(nn.Module):
@@ -275,8 +265,7 @@ def save_text_encoder(model: CLIPModel, folder: str | os.PathLike) -> Path:
         model: the trained CLIP model (a DDP wrapper is unwrapped).
         folder: destination (``models/text_encoder``).
     """
-    model = model.module if hasattr(model, "module") else model
-    return model.text.save(folder)
+    return unwrap(model).text.save(folder)
 
 
 def retrieval_report(similarity: torch.Tensor, permutations: int = 10000, seed: int = 0) -> dict[str, float]:

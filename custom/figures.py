@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,6 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy.ndimage import uniform_filter  # noqa: E402
+
+from custom.io import write_png  # noqa: E402
 
 
 def _slices(volume: np.ndarray, index: Sequence[int]) -> list[np.ndarray]:
@@ -91,14 +92,7 @@ def save_comparison_figure(
     axes[1, 0].set_ylabel("axial")
     if title:
         fig.suptitle(title, fontsize=8, wrap=True)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        return write_png(path, fig, dpi=110)
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-    return path

@@ -6,8 +6,11 @@ positions checked along the slice normal), or a NIfTI / NRRD / MHA file through 
 RAS voxel-to-world affine, the convention of MONAI and nibabel. Anything that is not a usable
 chest CT gets a ``CTInputError`` naming the file and the reason.
 
-Writing: every file goes to a temporary name in its folder and is renamed into place, so an
-interrupted run never leaves a half-written file that looks complete.
+Writing: every file (and every folder of files) goes to a temporary name beside it and is renamed
+into place, so an interrupted run never leaves a half-written output that looks complete. These
+writers are the bundle's only ones: ``atomic_open`` for writers that take a file object,
+``atomic_write_bytes``, ``write_nifti``, ``write_json`` and ``write_png`` for content, and
+``atomic_folder`` for folders.
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import nibabel as nib
 import numpy as np
@@ -64,24 +70,66 @@ def check_output_dir(path: str | os.PathLike, min_free_mb: float = MIN_FREE_MB) 
     return path
 
 
+@contextmanager
+def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file to write ``path`` through: a temporary file in the same folder, renamed into place.
+
+    The file is flushed to disk before the rename (without it a crash soon after can leave the new
+    name pointing at an empty file on common file systems), and removed when the block raises, so
+    ``path`` is always either the old file or the complete new one. For writers that take a file
+    object (``torch.save``, ``zipfile.ZipFile``, ``savefig``).
+
+    Args:
+        path: destination.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` through a temporary file in the same folder and a rename.
+    """Write ``data`` atomically (``atomic_open``).
 
     Args:
         path: destination.
         data: content.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with atomic_open(path) as f:
+        f.write(data)
+    return Path(path)
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder beside ``path`` to fill; it replaces ``path`` when the block ends, and is removed when it raises.
+
+    For outputs that are a folder of files (a Hugging Face checkpoint, a prepared case), so that a
+    folder under the final name is always complete.
+
+    Args:
+        path: destination folder; a folder already there is replaced.
+    """
+    folder = Path(path)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        yield tmp
+        # a rename cannot replace a non-empty folder
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
 
 
 def nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
@@ -92,12 +140,17 @@ def nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
         affine: voxel-to-RAS affine.
     """
     img = nib.Nifti1Image(array, affine)
-    img.header.set_xyzt_units("mm")
-    img.header.set_qform(affine, code=1)
-    img.header.set_sform(affine, code=1)
+    header = img.header
+    header.set_xyzt_units("mm")
+    header.set_qform(affine, code=1)
+    header.set_sform(affine, code=1)
+    header["vox_offset"] = 352
+    # The header, an empty extension block, then the voxels in Fortran order: what nibabel writes,
+    # without its chunked conversion loop (seconds per file at 512 x 512 x 300).
+    raw = header.binaryblock + b"\x00" * 4 + np.asarray(array, dtype=header.get_data_dtype()).tobytes(order="F")
     buffer = io.BytesIO()
     with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0, compresslevel=1) as gz:
-        gz.write(img.to_bytes())
+        gz.write(raw)
     return buffer.getvalue()
 
 
@@ -130,9 +183,9 @@ def write_png(path: str | os.PathLike, figure: object, dpi: int = 80) -> Path:
         figure: ``matplotlib.figure.Figure``.
         dpi: resolution.
     """
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi)
-    return atomic_write_bytes(path, buffer.getvalue())
+    with atomic_open(path) as f:
+        figure.savefig(f, format="png", dpi=dpi)
+    return Path(path)
 
 
 def _dicom_series_files(folder: Path) -> list[str]:

@@ -13,15 +13,25 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from custom.io import CTInputError, check_ct, load_ct, nifti_bytes, write_json, write_nifti, write_png
-from custom.synthetic import generate_cohort
+from custom.io import (
+    CTInputError,
+    atomic_folder,
+    atomic_open,
+    check_ct,
+    load_ct,
+    nifti_bytes,
+    write_json,
+    write_nifti,
+    write_png,
+)
+from custom.synthetic import SMALL_BODY_SCALE, generate_cohort
 
 
 @pytest.fixture(scope="module")
 def patient(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One synthetic patient with its initial scan also written as a DICOM series."""
     cohort = tmp_path_factory.mktemp("cohort")
-    generate_cohort(cohort, n_patients=1, seed=3, write_dicom=True)
+    generate_cohort(cohort, n_patients=1, seed=3, write_dicom=True, body_scale=SMALL_BODY_SCALE)
     return cohort / "SYN0000"
 
 
@@ -152,3 +162,25 @@ def test_atomic_writers_leave_only_the_result(tmp_path: Path) -> None:
     # Equal inputs give identical bytes (no timestamp in the gzip header).
     assert nifti_bytes(array, affine) == nifti_bytes(array, affine)
     assert gzip.decompress(nifti_bytes(array, affine))[:4] == (348).to_bytes(4, "little")
+
+
+def test_an_interrupted_write_keeps_the_old_file_and_folder(tmp_path: Path) -> None:
+    path = tmp_path / "out" / "model.pt"
+    with atomic_open(path) as f:
+        f.write(b"old")
+    with pytest.raises(KeyboardInterrupt), atomic_open(path) as f:
+        f.write(b"half of the new")
+        raise KeyboardInterrupt
+    assert path.read_bytes() == b"old" and [p.name for p in path.parent.iterdir()] == ["model.pt"]
+    folder = tmp_path / "encoder"
+    with atomic_folder(folder) as tmp:
+        (tmp / "weights").write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic_folder(folder) as tmp:
+        (tmp / "weights").write_bytes(b"new")
+        raise RuntimeError("killed while saving")
+    assert (folder / "weights").read_bytes() == b"old"
+    # a complete new folder replaces the old one, files the new one lacks included
+    with atomic_folder(folder) as tmp:
+        (tmp / "config").write_bytes(b"new")
+    assert sorted(p.name for p in folder.iterdir()) == ["config"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["encoder", "out"]
