@@ -1,6 +1,6 @@
 # Set-up and the two workflows of the README. Every target installs what it needs first.
 #   make demo   end-to-end run on the synthetic cohort
-#   make test   the test suite
+#   make test   the linter (ruff, configured in pyproject.toml), then the test suite
 # GPU users: make demo TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>"
 
 PYTHON ?= python3
@@ -27,6 +27,7 @@ demo: setup
 	$(BIN)/cirresdiff demo
 
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -9,7 +9,12 @@ import torch
 from ignite.engine import Engine, Events
 
 from custom.checkpoints import (
-    BestModelSaver, FinalValidation, ResumableCheckpoint, atomic_torch_save, load_network_weights, safe_load,
+    BestModelSaver,
+    FinalValidation,
+    ResumableCheckpoint,
+    atomic_torch_save,
+    load_network_weights,
+    safe_load,
 )
 
 

@@ -7,7 +7,11 @@ import torch
 from monai.networks.schedulers import DDPMScheduler
 
 from custom.engines import (
-    DiffusionPrepareBatch, ResidualShiftPrepareBatch, SamplingPrepareBatch, WeightedMSELoss, loss_weight,
+    DiffusionPrepareBatch,
+    ResidualShiftPrepareBatch,
+    SamplingPrepareBatch,
+    WeightedMSELoss,
+    loss_weight,
 )
 from custom.scheduler import ResidualShiftScheduler
 
