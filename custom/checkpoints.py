@@ -3,8 +3,8 @@
 MONAI's ``CheckpointSaver`` writes in place (``atomic=False``), so a process killed while saving
 can leave a truncated file where the last good checkpoint was. Here every file is written with
 ``custom.io.atomic_open``: to a temporary name in the same folder, flushed to disk and renamed
-over the old one, which POSIX guarantees to be atomic. Every load uses ``torch.load(..., weights_only=True)``: a checkpoint can
-carry tensors and plain containers, never code.
+over the old one, which POSIX guarantees to be atomic. Every load uses
+``torch.load(..., weights_only=True)``: a checkpoint can carry tensors and plain containers, never code.
 """
 
 from __future__ import annotations
@@ -242,7 +242,8 @@ class FinalValidation:
                 self.report_path.unlink(missing_ok=True)
             return
         message = (f"no validated model beat the bar ({self.best_model.metric_name or 'key metric'} > "
-                   f"{self.best_model.min_score}; best {self.best_model.best:.4f}): {self.best_model.path} was not written")
+                   f"{self.best_model.min_score}; best {self.best_model.best:.4f}): "
+                   f"{self.best_model.path} was not written")
         logger.error(message)
         if _is_main_process():
             atomic_write_bytes(self.report_path, (message + "\n").encode("utf-8"))

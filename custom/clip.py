@@ -283,7 +283,9 @@ def retrieval_report(similarity: torch.Tensor, permutations: int = 10000, seed: 
     """
     n = similarity.shape[0]
     if similarity.ndim != 2 or similarity.shape[1] != n or n < 2:
-        raise ValueError(f"retrieval needs a square similarity matrix of at least 2 pairs, got {tuple(similarity.shape)}")
+        raise ValueError(
+            f"retrieval needs a square similarity matrix of at least 2 pairs, got {tuple(similarity.shape)}"
+        )
     rank_of = similarity.argsort(dim=1, descending=True).argsort(dim=1) + 1  # [i, j]: rank of image j for text i
     ranks = rank_of.diagonal()
     generator = torch.Generator().manual_seed(seed)

@@ -232,7 +232,7 @@ class ResidualShiftPrepareBatch(DiffusionPrepareBatch):
         self.mean_fraction = float(mean_fraction)
 
     def forward_process(self, x0: torch.Tensor, y0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(x_t, timesteps, noise)`` with x_t = x0 + eta_t e0 + kappa sqrt(eta_t) noise, or y0 at t = T for mean patches."""
+        """``(x_t, timesteps, noise)``: x_t = x0 + eta_t e0 + kappa sqrt(eta_t) noise; y0 at t = T for mean patches."""
         timesteps = self.get_timesteps(x0)
         # no draw when unused, so that a run without mean patches replays the same random stream
         at_mean = (torch.rand(x0.shape[0], device=x0.device) < self.mean_fraction if self.mean_fraction > 0

@@ -75,7 +75,8 @@ def save_comparison_figure(
     if real_followup is not None:
         panels.append(("real - initial", real_followup - initial, diff_style))
     if uncertainty is not None:
-        panels.append(("uncertainty (std)", uncertainty, {"cmap": "magma", "vmin": 0, "vmax": max(float(uncertainty.max()), 1e-6)}))
+        style = {"cmap": "magma", "vmin": 0, "vmax": max(float(uncertainty.max()), 1e-6)}
+        panels.append(("uncertainty (std)", uncertainty, style))
 
     fig, axes = plt.subplots(2, len(panels), figsize=(2.6 * len(panels), 5.4), squeeze=False, layout="constrained")
     for col, (name, volume, style) in enumerate(panels):

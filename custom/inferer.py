@@ -230,7 +230,8 @@ class DiffusionSamplingInferer(Inferer):
             [
                 torch.cat(
                     [
-                        self.sample_one(network, y0[b : b + 1], None if context is None else context[b : b + 1], generator)
+                        self.sample_one(network, y0[b : b + 1], None if context is None else context[b : b + 1],
+                                        generator)
                         for b in range(y0.shape[0])
                     ]
                 )
@@ -306,7 +307,9 @@ class ResidualShiftInferer(DiffusionSamplingInferer):
         self.prediction = prediction
 
     @torch.inference_mode()
-    def predict_mean(self, inputs: torch.Tensor, network: Callable, context: torch.Tensor | None = None) -> torch.Tensor:
+    def predict_mean(
+        self, inputs: torch.Tensor, network: Callable, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The conditional-mean follow-up: f(x_T = y0, y0, T), one sliding-window pass per case.
 
         x_T ~ N(x0 + eta_T e0, kappa^2 eta_T I) (ResShift Eq. 2) has mean y0 - (1 - eta_T) e0 ~ y0;

@@ -110,7 +110,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 @contextmanager
 def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary folder beside ``path`` to fill; it replaces ``path`` when the block ends, and is removed when it raises.
+    """A temporary folder beside ``path`` to fill; it replaces ``path`` when the block ends, is removed when it raises.
 
     For outputs that are a folder of files (a Hugging Face checkpoint, a prepared case), so that a
     folder under the final name is always complete.
@@ -199,7 +199,8 @@ def _dicom_series_files(folder: Path) -> list[str]:
     files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
     # GDCM silently leaves out a slice it cannot parse; the gap would then pass for a missing slice.
     in_series = {Path(f).resolve() for f in files}
-    unread = sorted(p.name for p in folder.iterdir() if p.is_file() and _looks_like_dicom(p) and p.resolve() not in in_series)
+    unread = sorted(p.name for p in folder.iterdir()
+                    if p.is_file() and _looks_like_dicom(p) and p.resolve() not in in_series)
     if unread:
         raise CTInputError(f"{folder}: {len(unread)} file(s) are not readable slices of the series (truncated or "
                            f"corrupt?): {', '.join(unread[:5])}")
@@ -301,7 +302,8 @@ def read_image_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     try:
         image = LoadImage(reader=reader, image_only=True)(str(path))
     except Exception as e:
-        raise CTInputError(f"{path}: unreadable or corrupt image file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise CTInputError(f"{path}: unreadable or corrupt image file ({type(e).__name__}: {first_line})") from e
     return np.asarray(image, dtype=np.float32), np.asarray(image.affine, dtype=np.float64)
 
 
@@ -316,7 +318,9 @@ def check_ct(array: np.ndarray, affine: np.ndarray, source: str) -> np.ndarray:
     if array.ndim != 3:
         raise CTInputError(f"{source}: expected a 3D volume, got shape {array.shape}")
     if min(array.shape) < 8:
-        raise CTInputError(f"{source}: volume of shape {array.shape} is too thin to be a chest CT (2D image or single slice?)")
+        raise CTInputError(
+            f"{source}: volume of shape {array.shape} is too thin to be a chest CT (2D image or single slice?)"
+        )
     if not np.all(np.isfinite(array)):
         bad = int((~np.isfinite(array)).sum())
         raise CTInputError(f"{source}: {bad} voxels are NaN or infinite")

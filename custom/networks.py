@@ -147,7 +147,8 @@ class AttentionDiffusionUNet(nn.Module):
         # use_flash_attention selects torch's scaled_dot_product_attention (memory-efficient kernels on GPU)
         self.mid_attention = (
             SpatialAttentionBlock(
-                3, bottom, num_head_channels=num_head_channels, norm_num_groups=norm_num_groups, use_flash_attention=True
+                3, bottom, num_head_channels=num_head_channels, norm_num_groups=norm_num_groups,
+                use_flash_attention=True,
             )
             if bottleneck_attention
             else nn.Identity()

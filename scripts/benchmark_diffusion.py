@@ -52,9 +52,11 @@ def machine_name(device: torch.device) -> str:
     model = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text(encoding="utf-8").splitlines() if line.startswith("model name")]
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text(encoding="utf-8").splitlines()
+                 if line.startswith("model name")]
         model = names[0] if names else model
-    return f"CPU {model} ({len(os.sched_getaffinity(0))} cores, shared), {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    return (f"CPU {model} ({len(os.sched_getaffinity(0))} cores, shared), {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}")
 
 
 def synchronize(device: torch.device) -> None:
@@ -216,7 +218,8 @@ def toy_pairs(n: int, size: int, generator: torch.Generator) -> tuple[torch.Tens
     field = torch.rand(n, 1, size, size, size, generator=generator)
     for _ in range(2):
         field = torch.nn.functional.avg_pool3d(field, 3, stride=1, padding=1, count_include_pad=False)
-    field = (field - field.amin(dim=(2, 3, 4), keepdim=True)) / (field.amax(dim=(2, 3, 4), keepdim=True) - field.amin(dim=(2, 3, 4), keepdim=True))
+    low, high = field.amin(dim=(2, 3, 4), keepdim=True), field.amax(dim=(2, 3, 4), keepdim=True)
+    field = (field - low) / (high - low)
     y0 = 0.1 + 0.4 * field
     grid = torch.stack(torch.meshgrid(*[torch.arange(size, dtype=torch.float32)] * 3, indexing="ij"))
     centre = torch.rand(n, 3, 1, 1, 1, generator=generator) * size * 0.5 + size * 0.25
@@ -245,8 +248,8 @@ def kappa_experiment(args: argparse.Namespace) -> dict:
             # the bundle's training step (configs/train.json) without text and mean patches; its
             # steps and noise come from the global random state seeded above
             prepare = ResidualShiftPrepareBatch(scheduler)
-            network = AttentionDiffusionUNet(channels=(8, 16, 32), attention_levels=(False, False, False), norm_num_groups=4,
-                                             num_head_channels=8, with_conditioning=False)
+            network = AttentionDiffusionUNet(channels=(8, 16, 32), attention_levels=(False, False, False),
+                                             norm_num_groups=4, num_head_channels=8, with_conditioning=False)
             optimiser = torch.optim.Adam(network.parameters(), lr=2e-3)
             for _ in range(args.kappa_train_steps):
                 y0, x0 = toy_pairs(4, args.kappa_size, generator)
@@ -273,7 +276,8 @@ def mean_std(values: list[float]) -> str:
 
 def report_cost(args: argparse.Namespace, device: torch.device, denoiser: dict, sampling: dict) -> str:
     amp = args.amp if args.amp != "none" else "fp32"
-    memory = "CUDA peak allocated" if device.type == "cuda" else "process max RSS (includes ~0.5 GiB interpreter and torch)"
+    memory = ("CUDA peak allocated" if device.type == "cuda"
+              else "process max RSS (includes ~0.5 GiB interpreter and torch)")
     residual = sampling["residual shift (T = 15)"]["seconds"]
     lines = [
         f"Machine: {machine_name(device)}; precision {amp}. Command: `python scripts/benchmark_diffusion.py "
@@ -285,34 +289,40 @@ def report_cost(args: argparse.Namespace, device: torch.device, denoiser: dict, 
         "",
         "| patch (batch 1) | time | peak memory |",
         "| --- | --- | --- |",
-        f"| forward, {args.patch}^3 | {denoiser['forward_s']:.2f} s | {denoiser['forward_peak_gib']:.2f} GiB ({memory}) |",
+        f"| forward, {args.patch}^3 | {denoiser['forward_s']:.2f} s | "
+        f"{denoiser['forward_peak_gib']:.2f} GiB ({memory}) |",
         f"| forward + backward, {args.patch}^3 | {denoiser['forward_backward_s']:.2f} s | "
         f"{denoiser['forward_backward_peak_gib']:.2f} GiB ({memory}) |",
         "",
         f"Training memory estimate (bf16 autocast, {args.train_patch}^3, batch {args.train_batch}): autograd saves "
-        f"{denoiser['saved_probe_gib']:.3f} GiB for one {args.memory_probe_patch}^3 patch, counted with saved-tensor hooks; "
-        f"scaled by voxels and batch, plus fp32 weights, gradients and Adam moments: "
-        f"**~{denoiser['estimated_train_gib']:.1f} GiB** (an estimate; allocator overhead and cuDNN workspaces come on top).",
+        f"{denoiser['saved_probe_gib']:.3f} GiB for one {args.memory_probe_patch}^3 patch, counted with saved-tensor "
+        f"hooks; scaled by voxels and batch, plus fp32 weights, gradients and Adam moments: "
+        f"**~{denoiser['estimated_train_gib']:.1f} GiB** (an estimate; allocator overhead and cuDNN workspaces come "
+        "on top).",
         "",
         f"Whole-volume sampling of one {'x'.join(map(str, args.volume))} volume, windows {args.roi}^3, overlap "
-        f"{args.overlap}, {args.sw_batch_size} windows per call, Gaussian blending (same network and windows for all three):",
+        f"{args.overlap}, {args.sw_batch_size} windows per call, Gaussian blending (same network and windows for all "
+        "three):",
         "",
         "| sampler | time | per step | relative to residual shift |",
         "| --- | --- | --- | --- |",
     ]
     for name, r in sampling.items():
-        lines.append(f"| {name} | {r['seconds']:.1f} s ({r['how']}) | {r['per_step']:.2f} s | {r['seconds'] / residual:.1f}x |")
+        lines.append(f"| {name} | {r['seconds']:.1f} s ({r['how']}) | {r['per_step']:.2f} s | "
+                     f"{r['seconds'] / residual:.1f}x |")
     return "\n".join(lines)
 
 
 def report_kappa(args: argparse.Namespace, kappa: dict) -> str:
-    rows = [f"| kappa = {k} | {mean_std(v)} dB | " + ", ".join(f"{x:.2f}" for x in v) + " |" for k, v in kappa["psnr"].items()]
+    rows = [f"| kappa = {k} | {mean_std(v)} dB | " + ", ".join(f"{x:.2f}" for x in v) + " |"
+            for k, v in kappa["psnr"].items()]
     best = max(kappa["psnr"], key=lambda k: sum(kappa["psnr"][k]))
     return "\n".join(
         [
-            f"Toy pairs in [0, 1], {args.kappa_size}^3: y0 a smoothed random texture in [0.1, 0.5], x0 = y0 plus a Gaussian "
-            "blob of amplitude 0.1-0.3 (random centre and width). Per kappa and seed: a tiny denoiser (channels (8, 16, 32), "
-            f"no text) trained {args.kappa_train_steps} steps (batch 4, Adam 2e-3) with `ResidualShiftPrepareBatch` and the MSE, "
+            f"Toy pairs in [0, 1], {args.kappa_size}^3: y0 a smoothed random texture in [0.1, 0.5], x0 = y0 plus a "
+            "Gaussian blob of amplitude 0.1-0.3 (random centre and width). Per kappa and seed: a tiny denoiser "
+            f"(channels (8, 16, 32), no text) trained {args.kappa_train_steps} steps (batch 4, Adam 2e-3) with "
+            "`ResidualShiftPrepareBatch` and the MSE, "
             "then 15-step sampling of 8 held-out pairs; PSNR against x0 (data range 1), mean ± std over "
             f"{args.kappa_seeds} seeds. Identity (x0 = y0): {mean_std(kappa['identity'])} dB.",
             "",
@@ -325,7 +335,9 @@ def report_kappa(args: argparse.Namespace, kappa: dict) -> str:
     )
 
 
-def update_benchmarks(path: Path, subsections: dict[str, str], placeholders: dict[str, str], section: str = SECTION) -> None:
+def update_benchmarks(
+    path: Path, subsections: dict[str, str], placeholders: dict[str, str], section: str = SECTION
+) -> None:
     """Replace (or add) ``### `` subsections inside one ``## `` section; keep everything else.
 
     Args:
@@ -366,7 +378,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the machine is shared)")
-    parser.add_argument("--patch", type=int, default=96, help="patch of the timings (CPU: 64 keeps the backward in RAM)")
+    parser.add_argument("--patch", type=int, default=96,
+                        help="patch of the timings (CPU: 64 keeps the backward in RAM)")
     parser.add_argument("--train-patch", type=int, default=96, help="training patch of the memory estimate")
     parser.add_argument("--train-batch", type=int, default=2)
     parser.add_argument("--memory-probe-patch", type=int, default=48)

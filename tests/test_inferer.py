@@ -1,4 +1,4 @@
-"""Whole-volume sliding-window sampling (residual shift and DDPM/DDIM baseline), and what a trained denoiser gives it."""
+"""Whole-volume sliding-window sampling (residual shift and DDPM/DDIM baseline), and what a trained denoiser gives."""
 
 from __future__ import annotations
 
@@ -71,8 +71,8 @@ def test_oracle_denoiser_makes_sampling_return_x0_through_sliding_windows():
     y0 = torch.rand(2, 1, 24, 20, 16, generator=torch.Generator().manual_seed(3))
     for mode in ("gaussian", "constant"):
         inferer = ResidualShiftInferer(
-            ResidualShiftScheduler(num_train_timesteps=15), roi_size=(12, 12, 8), sw_batch_size=3, overlap=0.5, mode=mode,
-            prediction="sample",
+            ResidualShiftScheduler(num_train_timesteps=15), roi_size=(12, 12, 8), sw_batch_size=3, overlap=0.5,
+            mode=mode, prediction="sample",
         )
         out = inferer(y0, _ResidualOracle())
         assert out.shape == y0.shape
@@ -95,7 +95,8 @@ def test_sliding_window_sampling_equals_single_window_sampling():
     y0 = torch.rand(1, 1, 32, 32, 24, generator=torch.Generator().manual_seed(4))
     context = torch.randn(1, 4, 6)
     net = _Pointwise()
-    whole = ResidualShiftInferer(ResidualShiftScheduler(), roi_size=(32, 32, 24), seed=5, prediction="sample")(y0, net, context)
+    whole = ResidualShiftInferer(ResidualShiftScheduler(), roi_size=(32, 32, 24), seed=5,
+                                 prediction="sample")(y0, net, context)
     for mode in ("gaussian", "constant"):
         windows = ResidualShiftInferer(ResidualShiftScheduler(), roi_size=16, overlap=0.25, mode=mode, seed=5,
                                        prediction="sample")
@@ -113,11 +114,12 @@ def test_samples_are_reproducible_and_give_mean_and_uncertainty():
     assert torch.equal(inferer(y0, net), out.mean)
     other = inferer.sample(y0, net, generator=torch.Generator().manual_seed(2))
     assert not torch.allclose(other.mean, out.mean)
-    two_channels = ResidualShiftInferer(ResidualShiftScheduler(), roi_size=16, num_samples=3, seed=1, return_uncertainty=True,
-                                        prediction="sample")
+    two_channels = ResidualShiftInferer(ResidualShiftScheduler(), roi_size=16, num_samples=3, seed=1,
+                                        return_uncertainty=True, prediction="sample")
     assert torch.equal(two_channels(y0, net), torch.cat([out.mean, out.std], dim=1))
     # the default product is the mean prediction; the samples give only its uncertainty channel
-    mean_mode = ResidualShiftInferer(ResidualShiftScheduler(), roi_size=16, num_samples=3, seed=1, return_uncertainty=True)
+    mean_mode = ResidualShiftInferer(ResidualShiftScheduler(), roi_size=16, num_samples=3, seed=1,
+                                     return_uncertainty=True)
     both = mean_mode(y0, net)
     assert torch.equal(both[:, :1], mean_mode.predict_mean(y0, net)) and torch.equal(both[:, 1:], out.std)
 
@@ -149,7 +151,8 @@ def test_monai_label_call_with_the_image_alone():
         texts.append(list(batch))
         return torch.ones(len(batch), 3, 12)
 
-    inferer = ResidualShiftInferer(ResidualShiftScheduler(), roi_size=16, text_encoder=encoder, default_text="no record")
+    inferer = ResidualShiftInferer(ResidualShiftScheduler(), roi_size=16, text_encoder=encoder,
+                                   default_text="no record")
     assert inferer(y0, net).shape == y0.shape and texts == [["no record"]]
 
 
@@ -171,7 +174,8 @@ def test_trained_small_denoiser_beats_the_identity_prediction():
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     for _ in range(200):
         x0, y0 = _toy_pair(g, 4)
-        inputs, target, _, kwargs = prepare({"image": y0, "target": x0, "lungs": torch.ones_like(x0), "mask": torch.ones_like(x0)})
+        batch = {"image": y0, "target": x0, "lungs": torch.ones_like(x0), "mask": torch.ones_like(x0)}
+        inputs, target, _, kwargs = prepare(batch)
         loss = WeightedMSELoss()(net(inputs, **kwargs), target)
         opt.zero_grad()
         loss.backward()
@@ -180,7 +184,8 @@ def test_trained_small_denoiser_beats_the_identity_prediction():
     x0, y0 = _toy_pair(torch.Generator().manual_seed(99), 2)  # held-out images and sampling noise
     mse_identity = torch.mean((y0 - x0) ** 2).item()
     for prediction in ("mean", "sample"):
-        mse_model = torch.mean((ResidualShiftInferer(scheduler, roi_size=16, seed=11, prediction=prediction)(y0, net) - x0) ** 2).item()
+        inferer = ResidualShiftInferer(scheduler, roi_size=16, seed=11, prediction=prediction)
+        mse_model = torch.mean((inferer(y0, net) - x0) ** 2).item()
         assert mse_model < 0.6 * mse_identity, (prediction, mse_model, mse_identity)
 
 

@@ -19,8 +19,8 @@ import torch
 from cirresdiff_bundle.runner import run_config
 
 GRID = 32
-TINY_MODEL = {"roi_size": [32, 32, 32], "sw_roi_size": [32, 32, 32], "network_channels": [8, 16, 16], "attention_levels": [False, True, True],
-              "num_head_channels": 8, "sw_batch_size": 1}
+TINY_MODEL = {"roi_size": [32, 32, 32], "sw_roi_size": [32, 32, 32], "network_channels": [8, 16, 16],
+              "attention_levels": [False, True, True], "num_head_channels": 8, "sw_batch_size": 1}
 
 
 def _record(i: int) -> dict:
@@ -68,7 +68,8 @@ def prepared(tmp_path_factory):
 def _train_overrides(prepared, out, **extra):
     return {"dataset_dir": str(prepared), "ckpt_dir": str(prepared / "models"), "output_dir": str(out),
             "model_path": str(out / "model.pt"), "max_epochs": 1, "val_interval": 1, "num_val_cases": 1,
-            "patches_per_case": 1, "batch_size": 2, "num_workers": 0, "min_gain_db": -1000.0, "ema_momentum": 0.999, "warmup_iterations": 0, **TINY_MODEL, **extra}
+            "patches_per_case": 1, "batch_size": 2, "num_workers": 0, "min_gain_db": -1000.0, "ema_momentum": 0.999,
+            "warmup_iterations": 0, **TINY_MODEL, **extra}
 """Tests of the plumbing lower the gate (a model must beat identity to become model.pt) out of the way
 (``test_training_writes_checkpoints_and_resumes`` tests the gate itself), and validate the current
 weights without warm-up: an EMA, or a learning rate still warming up, over two iterations would
@@ -94,7 +95,10 @@ def test_training_writes_checkpoints_and_resumes(prepared, tmp_path):
     assert "was not written" in (gated / "model_not_written.txt").read_text(encoding="utf-8")
 
 
-@pytest.mark.parametrize("ablation", [["ablations/ddpm", "ablations/no_text"], ["ablations/ddpm"], ["ablations/no_text"]])
+ABLATIONS = [["ablations/ddpm", "ablations/no_text"], ["ablations/ddpm"], ["ablations/no_text"]]
+
+
+@pytest.mark.parametrize("ablation", ABLATIONS)
 def test_every_ablation_trains_and_evaluates(prepared, tmp_path, ablation):
     out = tmp_path / "run"
     overrides = _train_overrides(prepared, out, val_interval=5, num_sampling_steps=2)
@@ -115,7 +119,8 @@ def test_paper_scale_override_builds_the_paper_sized_network_and_windows(bundle_
     parser.read_config([str(bundle_root / "configs" / f"{name}.json") for name in ("train", "paper_scale")])
     network = parser.get_parsed_content("network_def")
     assert sum(p.numel() for p in network.parameters()) == 15_122_436  # docs/benchmarks.md's default network
-    assert tuple(parser.get_parsed_content("inferer").window.roi_size) == (96, 96, 96) and parser["grid"] == [512, 512, 256]
+    assert tuple(parser.get_parsed_content("inferer").window.roi_size) == (96, 96, 96)
+    assert parser["grid"] == [512, 512, 256]
 
 
 def test_evaluation_writes_per_case_csv_summary_and_predictions(prepared, tmp_path):
@@ -124,7 +129,8 @@ def test_evaluation_writes_per_case_csv_summary_and_predictions(prepared, tmp_pa
     run_config(["train"], **overrides)
     run_config(["train", "evaluate"], **{**overrides, "output_dir": str(tmp_path / "eval")})
     rows = list(csv.DictReader(open(tmp_path / "eval" / "metrics.csv", encoding="utf-8")))
-    assert len(rows) == 2 and {"model_psnr_lungs", "identity_psnr_lungs", "smoothed_psnr_lungs", "model_ssim_change"} <= set(rows[0])
+    assert len(rows) == 2
+    assert {"model_psnr_lungs", "identity_psnr_lungs", "smoothed_psnr_lungs", "model_ssim_change"} <= set(rows[0])
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text(encoding="utf-8"))
     assert summary["cases"] == 2 and summary["identity"]["psnr_lungs"]["n"] == 2
     pred = nib.load(str(tmp_path / "eval" / "predictions" / "P6" / "image_followup.nii.gz"))
@@ -158,7 +164,8 @@ def test_classifier_input_carries_the_change_between_the_scans():
     followup[0, :4] = 0.5
     pair = pair_input(initial, followup, (4, 4, 4))
     assert pair.shape == (3, 4, 4, 4)
-    assert torch.allclose(pair[2], pair[1] - pair[0]) and float(pair[2, :2].min()) == 0.5 and float(pair[2, 2:].max()) == 0.0
+    assert torch.allclose(pair[2], pair[1] - pair[0])
+    assert float(pair[2, :2].min()) == 0.5 and float(pair[2, 2:].max()) == 0.0
     with pytest.raises(ValueError, match="differ in shape"):
         pair_input(initial, torch.zeros(1, 8, 8, 6), (4, 4, 4))
 
@@ -167,7 +174,8 @@ def test_inference_writes_followup_change_uncertainty_and_figure(prepared, raw_c
     out = tmp_path / "train"
     run_config(["train"], **_train_overrides(prepared, out))
     inference = {"input": str(raw_case), "record": _record(3), "ckpt_dir": str(prepared / "models"),
-                 "model_path": str(out / "model.pt"), "output_dir": str(tmp_path / "inf"), "grid": [GRID] * 3, "allow_cropped": True,
+                 "model_path": str(out / "model.pt"), "output_dir": str(tmp_path / "inf"), "grid": [GRID] * 3,
+                 "allow_cropped": True,
                  "num_samples": 2, **TINY_MODEL}
     run_config(["inference"], **inference)
     folder = tmp_path / "inf" / "SYN0000"
@@ -204,7 +212,8 @@ def test_multi_gpu_config_runs_with_two_gloo_processes(prepared, tmp_path):
 
 def _bundle_command(configs: list[str], run_id: str, overrides: dict) -> list[str]:
     files = configs[0] if len(configs) == 1 else "[" + ",".join(f"'{c}'" for c in configs) + "]"
-    args = [a for key, value in overrides.items() for a in (f"--{key}", value if isinstance(value, str) else json.dumps(value))]
+    args = [a for key, value in overrides.items()
+            for a in (f"--{key}", value if isinstance(value, str) else json.dumps(value))]
     return [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", files, *args]
 
 
@@ -229,11 +238,13 @@ def test_training_killed_at_a_random_moment_resumes_to_the_same_iteration(prepar
             process.kill()
     killed_at = torch.load(out / "last.pt", weights_only=True)["trainer"]  # the last good checkpoint loads
     assert 1 <= killed_at["epoch"] < max_epochs
-    result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=600)
+    result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, encoding="utf-8", errors="replace",
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from {out / 'last.pt'} at epoch {killed_at['epoch']}" in result.stdout + result.stderr
     # 4 training cases, batch 2: 2 iterations per epoch, as if never interrupted
-    assert torch.load(out / "last.pt", weights_only=True)["trainer"] == {"epoch": max_epochs, "iteration": 2 * max_epochs}
+    final = torch.load(out / "last.pt", weights_only=True)["trainer"]
+    assert final == {"epoch": max_epochs, "iteration": 2 * max_epochs}
 
 
 def test_same_seed_same_training_and_sampling_on_cpu(prepared, raw_case, tmp_path):
@@ -243,8 +254,8 @@ def test_same_seed_same_training_and_sampling_on_cpu(prepared, raw_case, tmp_pat
         run_config(["train"], **_train_overrides(prepared, out, max_epochs=2, val_interval=100))
         weights.append(torch.load(out / "model.pt", weights_only=True))
         run_config(["inference"], input=str(raw_case), record=_record(3), ckpt_dir=str(prepared / "models"),
-                   model_path=str(out / "model.pt"), output_dir=str(out / "inf"), grid=[GRID] * 3, allow_cropped=True, num_samples=2,
-                   **TINY_MODEL)
+                   model_path=str(out / "model.pt"), output_dir=str(out / "inf"), grid=[GRID] * 3, allow_cropped=True,
+                   num_samples=2, **TINY_MODEL)
         followups.append(np.asarray(nib.load(str(out / "inf" / "SYN0000" / "followup.nii.gz")).dataobj))
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
@@ -277,7 +288,8 @@ def test_importing_and_inference_make_no_network_access(prepared, raw_case, tmp_
     out = tmp_path / "train"
     run_config(["train"], **_train_overrides(prepared, out))
     inference = {"input": str(raw_case), "record": _record(1), "ckpt_dir": str(prepared / "models"),
-                 "model_path": str(out / "model.pt"), "output_dir": str(tmp_path / "inf"), "grid": [GRID] * 3, "allow_cropped": True,
+                 "model_path": str(out / "model.pt"), "output_dir": str(tmp_path / "inf"), "grid": [GRID] * 3,
+                 "allow_cropped": True,
                  **TINY_MODEL}
     env = {**os.environ, "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0"}  # offline by design, not by setting
     result = subprocess.run([sys.executable, "-c", NO_NETWORK, json.dumps(inference)], capture_output=True,
