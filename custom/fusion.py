@@ -44,7 +44,6 @@ class StandardCrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c = x.shape[:2]
-        spatial = x.shape[2:]
         h = self.norm(x).reshape(b, c, -1).transpose(1, 2)
         ctx = self.context_norm(context.to(h.dtype))
         q, k, v = self._heads(self.to_q(h)), self._heads(self.to_k(ctx)), self._heads(self.to_v(ctx))
@@ -91,7 +90,8 @@ class TextModulatedSelfAttention(nn.Module):
 
     def relative_bias(self, spatial: tuple[int, int, int], device: torch.device) -> torch.Tensor:
         """B for a grid: (heads, N, N) gathered from the table by clipped relative offsets."""
-        coords = torch.stack(torch.meshgrid(*[torch.arange(s, device=device) for s in spatial], indexing="ij")).flatten(1)
+        axes = [torch.arange(s, device=device) for s in spatial]
+        coords = torch.stack(torch.meshgrid(*axes, indexing="ij")).flatten(1)
         offset = (coords[:, :, None] - coords[:, None, :]).clamp(-self.max_offset, self.max_offset) + self.max_offset
         side = 2 * self.max_offset + 1
         index = (offset[0] * side + offset[1]) * side + offset[2]
@@ -102,7 +102,8 @@ class TextModulatedSelfAttention(nn.Module):
         h = self.norm(x).reshape(b, c, -1).transpose(1, 2)
         scale, shift = self.film(context.to(h.dtype).mean(1)).chunk(2, dim=-1)
         modulated = h * (1 + scale[:, None]) + shift[:, None]
-        q, k = (t.reshape(b, -1, self.num_heads, c // self.num_heads).transpose(1, 2) for t in self.to_qk(modulated).chunk(2, -1))
+        q, k = (t.reshape(b, -1, self.num_heads, c // self.num_heads).transpose(1, 2)
+                for t in self.to_qk(modulated).chunk(2, -1))
         v = self.to_v(h).reshape(b, -1, self.num_heads, c // self.num_heads).transpose(1, 2)
         bias = self.relative_bias(tuple(x.shape[2:]), x.device).to(q.dtype)
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0))

@@ -72,7 +72,9 @@ def masked_ssim(
     return (ssim_map * inner).flatten(1).sum(1) / inner.flatten(1).sum(1)
 
 
-def lung_psnr_gain(pred: torch.Tensor, target: torch.Tensor, lungs: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
+def lung_psnr_gain(
+    pred: torch.Tensor, target: torch.Tensor, lungs: torch.Tensor, initial: torch.Tensor
+) -> torch.Tensor:
     """Paired PSNR gain over the identity baseline in the lungs: PSNR(pred) - PSNR(initial), in dB, per batch item.
 
     Identity (follow-up := initial scan) is the bar a prediction must clear; this is the score

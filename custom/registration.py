@@ -123,7 +123,7 @@ def read_affine_ras(path: str) -> np.ndarray:
 
 
 def write_affine_ras(path: str, matrix: np.ndarray) -> None:
-    """Write a 4x4 RAS matrix (fixed point -> moving point) as an ITK affine transform file (inverse of ``read_affine_ras``).
+    """Write a 4x4 RAS matrix (fixed point -> moving point) as an ITK affine file (read by ``read_affine_ras``).
 
     Args:
         path: destination (``.mat``).
@@ -165,7 +165,9 @@ def bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
     return tuple(slice(int(r[0]), int(r[-1]) + 1) for r in ranges)
 
 
-def expand_box(box: tuple[slice, ...], margin_mm: float, spacing: np.ndarray, shape: tuple[int, ...]) -> tuple[slice, ...]:
+def expand_box(
+    box: tuple[slice, ...], margin_mm: float, spacing: np.ndarray, shape: tuple[int, ...]
+) -> tuple[slice, ...]:
     """A box widened by a physical margin (rounded up to whole voxels) and clipped to the array.
 
     Args:
@@ -218,7 +220,8 @@ def registration_image(hu: np.ndarray, affine: np.ndarray, box: tuple[slice, ...
     spacing = voxel_spacing(affine)
     sigma = np.sqrt(np.maximum(spacing_mm**2 - spacing**2, 0.0)) / (2.0 * np.sqrt(2.0 * np.log(2.0))) / spacing
     array = ndimage.gaussian_filter(np.asarray(hu[box], dtype=np.float32), sigma)
-    return ants.resample_image(to_ants(array, box_affine(affine, box)), (spacing_mm,) * 3, use_voxels=False, interp_type=0)
+    return ants.resample_image(to_ants(array, box_affine(affine, box)), (spacing_mm,) * 3, use_voxels=False,
+                               interp_type=0)
 
 
 def registration_mask(mask: np.ndarray, affine: np.ndarray, like: ants.ANTsImage) -> ants.ANTsImage:
@@ -241,7 +244,8 @@ def centroid_ras(mask: np.ndarray, affine: np.ndarray, box: tuple[slice, ...]) -
         affine: its RAS affine.
         box: box holding every voxel of the mask.
     """
-    return box_affine(affine, box)[:3, :3] @ np.asarray(ndimage.center_of_mass(mask[box])) + box_affine(affine, box)[:3, 3]
+    to_ras = box_affine(affine, box)
+    return to_ras[:3, :3] @ np.asarray(ndimage.center_of_mass(mask[box])) + to_ras[:3, 3]
 
 
 def register_lung(
@@ -256,7 +260,7 @@ def register_lung(
     transform_type: str = "Affine",
     seed: int = 1,
 ) -> np.ndarray:
-    """ANTs registration of one lung (steps 1-3 of the module docstring); returns the RAS initial -> follow-up transform.
+    """ANTs registration of one lung (steps 1-3 of the module docstring): the RAS initial -> follow-up transform.
 
     Args:
         fixed_hu: initial scan, HU (x, y, z).
@@ -282,7 +286,8 @@ def register_lung(
     box_m = expand_box(lung_m, SEARCH_MARGIN_MM, spacing_m, moving_lung.shape)
     fixed = registration_image(fixed_hu, affine_fixed, box_f, registration_spacing_mm)
     moving = registration_image(moving_hu, affine_moving, box_m, registration_spacing_mm)
-    mask = registration_mask(dilate_mm(fixed_lung[box_f], metric_margin_mm, spacing_f), box_affine(affine_fixed, box_f), fixed)
+    mask = registration_mask(dilate_mm(fixed_lung[box_f], metric_margin_mm, spacing_f), box_affine(affine_fixed, box_f),
+                             fixed)
     start = np.eye(4)
     start[:3, 3] = centroid_ras(moving_lung, affine_moving, lung_m) - centroid_ras(fixed_lung, affine_fixed, lung_f)
     with tempfile.TemporaryDirectory(prefix="cirresdiff_ants_") as tmp, ants_seed(seed):
@@ -398,7 +403,8 @@ def merge_lungs(fixed_labels: np.ndarray, regions: dict[int, np.ndarray], warped
         box = bounding_box(np.logical_or.reduce([regions[lab] for lab in labels]) if reach_mm is None else overlap)
         if reach_mm is not None:
             box = expand_box(box, reach_mm, spacing, fixed_labels.shape)
-        distance = np.stack([ndimage.distance_transform_edt(fixed_labels[box] != lab, sampling=spacing) for lab in labels])
+        distance = np.stack([ndimage.distance_transform_edt(fixed_labels[box] != lab, sampling=spacing)
+                             for lab in labels])
         distance[~np.stack([regions[lab][box] for lab in labels])] = np.inf
         nearest = np.asarray(labels, dtype=np.uint8)[np.argmin(distance, axis=0)]
         choice[box] = np.where(overlap[box], nearest, choice[box])
@@ -454,7 +460,8 @@ def register_pair(
         fixed_lung = initial_labels == lab
         moving_lung = followup_labels == lab
         if not fixed_lung.any() or not moving_lung.any():
-            raise ValueError(f"the {name} lung is missing in {'the initial' if not fixed_lung.any() else 'the follow-up'} scan")
+            scan = "the initial" if not fixed_lung.any() else "the follow-up"
+            raise ValueError(f"the {name} lung is missing in {scan} scan")
         transform = register_lung(initial, affine_initial, fixed_lung, followup, affine_followup, moving_lung,
                                   metric_margin_mm, registration_spacing_mm, transform_type, seed)
         mapping = voxel_mapping(affine_initial, transform, affine_followup)

@@ -115,7 +115,9 @@ class ResidualShiftScheduler(nn.Module):
         index = torch.as_tensor(timesteps, device=values.device).long().reshape(-1)
         return values[index].to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
-    def add_noise(self, x0: torch.Tensor, y0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    def add_noise(
+        self, x0: torch.Tensor, y0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
         """Sample x_t ~ q(x_t | x0, y0) = N(x0 + eta_t (y0 - x0), kappa^2 eta_t I) (ResShift Eq. 2).
 
         Args:

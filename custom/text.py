@@ -59,7 +59,9 @@ def validate_record(record: Mapping | None, patient: str = "unknown patient") ->
     if record is None:
         return {}
     if not isinstance(record, Mapping):
-        raise RecordError(f"{patient}: the lung-function record must be a mapping of fields, got {type(record).__name__}")
+        raise RecordError(
+            f"{patient}: the lung-function record must be a mapping of fields, got {type(record).__name__}"
+        )
     known = set(FIELD_ORDER)
     unknown = sorted(set(record) - known - {"Patient", "Weeks"})
     if unknown:
@@ -76,7 +78,9 @@ def validate_record(record: Mapping | None, patient: str = "unknown patient") ->
         if math.isnan(number) or math.isinf(number):
             raise RecordError(f"{patient}: field {field} is {value!r}")
         if not low < number <= high:
-            raise RecordError(f"{patient}: field {field} = {number:g} {unit} is outside the plausible range ({low:g}, {high:g}]")
+            raise RecordError(
+                f"{patient}: field {field} = {number:g} {unit} is outside the plausible range ({low:g}, {high:g}]"
+            )
         out[field] = number
     for field, choices in (("Sex", SEX), ("SmokingStatus", SMOKING)):
         value = record.get(field)
@@ -138,7 +142,9 @@ def build_tokenizer(max_length: int = 64):
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + template_vocabulary())}
     core = Tokenizer(WordLevel(vocab=vocab, unk_token="[UNK]"))
     core.normalizer = normalizers.Lowercase()
-    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)]
+    )
     core.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
     )
@@ -159,7 +165,9 @@ class LungFunctionTextd(MapTransform):
         id_key: key of the patient id, used in error messages.
     """
 
-    def __init__(self, keys: Sequence[Hashable] | Hashable = "record", text_key: str = "text", id_key: str = "patient") -> None:
+    def __init__(
+        self, keys: Sequence[Hashable] | Hashable = "record", text_key: str = "text", id_key: str = "patient"
+    ) -> None:
         super().__init__(keys, allow_missing_keys=True)
         self.text_key, self.id_key = text_key, id_key
 
@@ -209,7 +217,8 @@ def read_lung_function(csv_path: str | os.PathLike) -> dict[str, dict[str, dict]
         raise ValueError(f"{path}: expected columns Patient, {', '.join(RECORD_KEYS)}; missing {missing or 'all rows'}")
     by_patient: dict[str, list[dict]] = {}
     for row in rows:
-        by_patient.setdefault(row["Patient"].strip(), []).append({k: _number(v) for k, v in row.items() if v not in ("", None)})
+        values = {k: _number(v) for k, v in row.items() if v not in ("", None)}
+        by_patient.setdefault(row["Patient"].strip(), []).append(values)
     out = {}
     for patient, visits in by_patient.items():
         visits.sort(key=lambda r: r.get("Weeks", 0))

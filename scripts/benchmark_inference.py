@@ -55,7 +55,8 @@ def build_network(device: torch.device, load_weights: bool, paper_scale: bool = 
         paper_scale: the network of ``configs/paper_scale.json`` instead (randomly initialised).
     """
     parser = ConfigParser()
-    parser.read_config([str(ROOT / "configs" / name) for name in ("inference.json", "paper_scale.json")[: 1 + paper_scale]])
+    names = ("inference.json", "paper_scale.json")[: 1 + paper_scale]
+    parser.read_config([str(ROOT / "configs" / name) for name in names])
     parser.update({"bundle_root": str(ROOT)})
     network = parser.get_parsed_content("network_def")
     weights = ROOT / "models" / "model.pt"
@@ -180,10 +181,12 @@ def training_throughput(args: argparse.Namespace, world: int) -> float:
 
 def report(args: argparse.Namespace, device: torch.device, machine: str, source: str, flops: int, runs: dict,
            profile_table: str, training: dict[int, float]) -> str:
-    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
+    peak = next((v for k, v in BF16_PEAK_TFLOPS.items()
+                 if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
     memory = "CUDA peak allocated" if device.type == "cuda" else "process max RSS, includes the interpreter"
     lines = [
-        f"Machine: {machine}; precision {'fp32' if args.amp == 'none' else 'bf16 autocast'}. Command: `python scripts/benchmark_inference.py "
+        f"Machine: {machine}; precision {'fp32' if args.amp == 'none' else 'bf16 autocast'}. "
+        "Command: `python scripts/benchmark_inference.py "
         f"{' '.join(sys.argv[1:])}`.",
         "",
         f"Network of `configs/{'paper_scale' if args.paper_scale else 'inference'}.json` "
@@ -191,22 +194,26 @@ def report(args: argparse.Namespace, device: torch.device, machine: str, source:
         f"parameters, {source}); grid {'x'.join(map(str, args.grid))}, windows {args.roi}^3, overlap {args.overlap}, "
         f"T = 15 reverse steps, one sample. Denoiser cost: **{flops / 1e9:.2f} GFLOP per window** (multiply-add = 2).",
         "",
-        "| option | total | in the denoiser | rest (pad, blend, update) | windows | achieved | of bf16 peak | peak memory |",
+        "| option | total | in the denoiser | rest (pad, blend, update) | windows | achieved | of bf16 peak "
+        "| peak memory |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in runs.items():
         achieved = flops * r["windows"] / r["network_s"]
-        fraction = f"{100 * achieved / (peak * 1e12):.1f} %" if peak else "n/a (CPU)" if device.type == "cpu" else "unknown GPU"
-        lines.append(f"| {name} | {r['seconds']:.1f} s | {r['network_s']:.1f} s | {r['seconds'] - r['network_s']:.1f} s | "
-                     f"{r['windows']} | {achieved / 1e9:.1f} GFLOP/s | {fraction} | {r['peak_gib']:.2f} GiB ({memory}) |")
+        fraction = (f"{100 * achieved / (peak * 1e12):.1f} %" if peak
+                    else "n/a (CPU)" if device.type == "cpu" else "unknown GPU")
+        lines.append(f"| {name} | {r['seconds']:.1f} s | {r['network_s']:.1f} s | "
+                     f"{r['seconds'] - r['network_s']:.1f} s | {r['windows']} | {achieved / 1e9:.1f} GFLOP/s | "
+                     f"{fraction} | {r['peak_gib']:.2f} GiB ({memory}) |")
     one, two = training[1], training.get(2)
-    scaling = (f"2 processes (DDP, {'NCCL' if device.type == 'cuda' else 'gloo'}) {two:.2f} patches/s: scaling efficiency "
-               f"**{100 * two / (2 * one):.0f} %**" if two else "2 processes: not measured (one GPU)")
+    scaling = (f"2 processes (DDP, {'NCCL' if device.type == 'cuda' else 'gloo'}) {two:.2f} patches/s: "
+               f"scaling efficiency **{100 * two / (2 * one):.0f} %**" if two
+               else "2 processes: not measured (one GPU)")
     lines += [
         "",
-        f"Training step (forward + backward + Adam, {args.train_patch}^3 patches, batch {args.train_batch} per process, "
-        f"{args.train_threads} thread(s) per process, {args.train_steps} timed steps): 1 process {one:.2f} patches/s, "
-        f"{scaling}.",
+        f"Training step (forward + backward + Adam, {args.train_patch}^3 patches, batch {args.train_batch} per "
+        f"process, {args.train_threads} thread(s) per process, {args.train_steps} timed steps): 1 process "
+        f"{one:.2f} patches/s, {scaling}.",
         "",
         "One reverse step over the whole volume, by operator (PyTorch profiler):",
         "",
@@ -227,7 +234,8 @@ def main() -> None:
     parser.add_argument("--sw-batch", type=int, nargs="+", default=[4], help="window batch sizes to compare")
     parser.add_argument("--channels-last", action="store_true", help="also time channels_last_3d")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
-    parser.add_argument("--paper-scale", action="store_true", help="time the network of configs/paper_scale.json (15.1 M)")
+    parser.add_argument("--paper-scale", action="store_true",
+                        help="time the network of configs/paper_scale.json (15.1 M)")
     parser.add_argument("--train-patch", type=int, default=32)
     parser.add_argument("--train-batch", type=int, default=2)
     parser.add_argument("--train-steps", type=int, default=10)
@@ -252,8 +260,8 @@ def main() -> None:
     training = {world: training_throughput(args, world) for world in worlds}
     print(training, flush=True)
     title = f"Whole-volume prediction and training ({'GPU' if device.type == 'cuda' else 'CPU'})"
-    update_benchmarks(args.output, {title: report(args, device, machine, source, flops, runs, profile_table, training)}, {},
-                      section=SECTION)
+    content = report(args, device, machine, source, flops, runs, profile_table, training)
+    update_benchmarks(args.output, {title: content}, {}, section=SECTION)
     print(f"wrote {args.output}")
 
 

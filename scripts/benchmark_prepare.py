@@ -45,7 +45,8 @@ def totalsegmentator_status() -> str:
     try:
         check_totalsegmentator(fast=True)
     except RuntimeError as e:
-        return "not available (package not installed)" if "weights missing" not in str(e) else "not available (weights not installed)"
+        missing = "weights" if "weights missing" in str(e) else "package"
+        return f"not available ({missing} not installed)"
     return "available"
 
 
@@ -58,7 +59,8 @@ def registration_error(folder: Path, qc: dict) -> dict[str, float]:
     for name, lab in LUNG_LABELS.items():
         points = np.stack(np.nonzero(truth_labels == lab), 1) @ affine[:3, :3].T + affine[:3, 3]
         t, e = np.asarray(truth[f"{name}_lung"]), np.asarray(qc["transforms"][f"{name}_lung"])
-        errors[name] = float(np.linalg.norm((points @ t[:3, :3].T + t[:3, 3]) - (points @ e[:3, :3].T + e[:3, 3]), axis=1).mean())
+        true_points, estimated = points @ t[:3, :3].T + t[:3, 3], points @ e[:3, :3].T + e[:3, 3]
+        errors[name] = float(np.linalg.norm(true_points - estimated, axis=1).mean())
         errors[f"{name}_identity"] = float(np.linalg.norm((points @ t[:3, :3].T + t[:3, 3]) - points, axis=1).mean())
     return errors
 
@@ -86,7 +88,8 @@ def parenchyma_means(folder: Path) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {"window": [], "minmax": []}
     for scan in ("initial", "followup"):
         hu, affine = load_ct(folder / f"{scan}.nii.gz")
-        lungs, lesions = labels_of(folder / f"{scan}_lungs.nii.gz") > 0, labels_of(folder / f"{scan}_lesions.nii.gz") > 0
+        lungs = labels_of(folder / f"{scan}_lungs.nii.gz") > 0
+        lesions = labels_of(folder / f"{scan}_lesions.nii.gz") > 0
         parenchyma = lungs & ~lesions & (hu < -500)
         region = dilate_mm(lungs, MARGIN_MM, voxel_spacing(affine))
         for mode in out:
@@ -100,7 +103,8 @@ def time_pairs(cohort: Path, patients: list[str], grid: tuple[int, int, int], wo
     records = []
     for patient in patients:
         folder = cohort / patient
-        qc = preparer(folder / "initial.nii.gz", folder / "followup.nii.gz", work / f"{patient}_{'x'.join(map(str, grid))}")
+        qc = preparer(folder / "initial.nii.gz", folder / "followup.nii.gz",
+                      work / f"{patient}_{'x'.join(map(str, grid))}")
         qc["error_mm"] = registration_error(folder, qc)
         records.append(qc)
         print(f"{patient} grid {grid}: {qc['seconds']} error {qc['error_mm']}", flush=True)
@@ -152,7 +156,8 @@ def main() -> None:
             adult_records = time_pairs(adult, adult_patients, (512, 512, 256), work / "prepared")
             results["full_grid"] = summary_of(adult_records)
             results["full_grid"]["shape"] = [r["grid"] for r in adult_records]
-            results["full_grid"]["source_shape"] = [list(load_ct(adult / p / "initial.nii.gz")[0].shape) for p in adult_patients]
+            results["full_grid"]["source_shape"] = [list(load_ct(adult / p / "initial.nii.gz")[0].shape)
+                                                    for p in adult_patients]
             results["full_grid"]["error_mm"] = [r["error_mm"] for r in adult_records]
     text = json.dumps(results, indent=2)
     print(text)

@@ -125,7 +125,8 @@ def plausible(phantom: ChestPhantom, transforms: list[np.ndarray], shape: tuple[
             return False
         other = 1 - side
         back = moved @ np.linalg.inv(transforms[other])[:3, :3].T + np.linalg.inv(transforms[other])[:3, 3]
-        if np.any(phantom.ellipsoid_radius(back, phantom.lung_centres[other], phantom.lung_axes[other]) < SEPARATION_RHO):
+        rho = phantom.ellipsoid_radius(back, phantom.lung_centres[other], phantom.lung_axes[other])
+        if np.any(rho < SEPARATION_RHO):
             return False
     return True
 
@@ -146,7 +147,7 @@ def draw_lung_motion(rng: np.random.Generator, phantom: ChestPhantom) -> np.ndar
 
 
 def issue_motion() -> tuple[list[np.ndarray], np.ndarray]:
-    """The reported failure: whole scan rotated 4 degrees about the body axis through the volume centre, 3 % larger, shifted."""
+    """The reported failure: the scan rotated 4 degrees about the body axis through its centre, 3 % larger, shifted."""
     transform = about(rotation([0.0, 0.0, 1.0], 4.0) * 1.03, np.zeros(3), np.array([3.0, -2.0, 2.0]))
     return [transform, transform], transform
 
@@ -268,8 +269,9 @@ def markdown(rows: list[dict], summary: dict) -> str:
     lines.append(f"\n{s['pairs']} pairs: error mean {s['error_mean_mm']['mean']:.2f} mm (max of lung means "
                  f"{s['error_mean_mm']['max']:.2f} mm, worst voxel {s['error_max_voxel_mm']['max']:.2f} mm), motion "
                  f"{s['motion_mean_mm']['mean']:.1f} mm (max {s['motion_mean_mm']['max']:.1f}), Dice "
-                 f"{s['dice_before']['mean']:.3f} -> {s['dice_after']['mean']:.3f} (min after {s['dice_after']['min']:.3f}; "
-                 f"{s['lungs_dice_after_below_before']} lungs worse after), {s['registration_s_per_pair']:.1f} s per pair "
+                 f"{s['dice_before']['mean']:.3f} -> {s['dice_after']['mean']:.3f} (min after "
+                 f"{s['dice_after']['min']:.3f}; {s['lungs_dice_after_below_before']} lungs worse after), "
+                 f"{s['registration_s_per_pair']:.1f} s per pair "
                  f"({s['registration_cpu_s_per_pair']:.1f} s CPU)")
     return "\n".join(lines)
 
@@ -294,13 +296,15 @@ def main() -> None:
             rows.append(evaluate_pair(folder, truth, options))
             r = rows[-1]
             print(f"{r['pair']}: " + ", ".join(
-                f"{n} {r[n]['error_mean_mm']:.2f} mm (motion {r[n]['motion_mean_mm']:.1f}, Dice {r[n]['dice_before']:.3f}"
+                f"{n} {r[n]['error_mean_mm']:.2f} mm (motion {r[n]['motion_mean_mm']:.1f}, "
+                f"Dice {r[n]['dice_before']:.3f}"
                 f" -> {r[n]['dice_after']:.3f})" for n in LUNG_LABELS) + f", {r['registration_s']:.1f} s "
                 f"({r['registration_cpu_s']:.1f} s CPU)", flush=True)
     summary = summarise(rows)
     print(markdown(rows, summary))
     if args.out:
-        write_json(args.out, {"spacing_mm": spacing.tolist(), "registration": options, "summary": summary, "pairs": rows})
+        write_json(args.out, {"spacing_mm": spacing.tolist(), "registration": options, "summary": summary,
+                              "pairs": rows})
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Held-out retrieval and number sensitivity of the CLIP-pretrained lung-function text encoder.
 
-    python scripts/evaluate_clip.py --dataset data/prepared --checkpoint runs/demo/pretrain_clip/last.pt --image-size 32 32 32
+    python scripts/evaluate_clip.py --dataset data/prepared --checkpoint runs/demo/pretrain_clip/last.pt \\
+        --image-size 32 32 32
 
 - text-to-image retrieval on patients never seen in pre-training (the test split, or with
   ``--all-cases`` every case of another prepared cohort, e.g. a new seed): for each record's text,

@@ -47,14 +47,16 @@ def build(ckpt_dir: Path, overrides: dict):
     parser = ConfigParser()
     parser.read_config(str(BUNDLE_ROOT / "configs" / "inference.json"))
     parser.update({"bundle_root": str(BUNDLE_ROOT), "ckpt_dir": str(ckpt_dir), **overrides})
-    return parser.get_parsed_content("network"), parser.get_parsed_content("inferer"), parser.get_parsed_content("text_encoder")
+    return (parser.get_parsed_content("network"), parser.get_parsed_content("inferer"),
+            parser.get_parsed_content("text_encoder"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prepared", type=Path, required=True, help="prepared cohort folder (datalist.json)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--datalist", type=Path, default=None, help="datalist to score (default: <prepared>/datalist.json)")
+    parser.add_argument("--datalist", type=Path, default=None,
+                        help="datalist to score (default: <prepared>/datalist.json)")
     parser.add_argument("--ckpt-dir", type=Path, default=BUNDLE_ROOT / "models", help="model.pt and text_encoder/")
     parser.add_argument("--samples", type=int, default=0, help="also score 1 sample and the mean of N samples")
     parser.add_argument("--limit", type=int, default=None, help="score the first N cases only")
@@ -99,7 +101,8 @@ def main() -> None:
         if these:
             write_report(these, args.out / name, f"{name.replace('_', ' ')} on {args.prepared}", extra)
             print((args.out / name / "summary.md").read_text(encoding="utf-8"))
-    print(json.dumps({m: summary[m]["psnr_lungs"]["vs_identity"] for m in summary if isinstance(summary[m], dict) and "psnr_lungs" in summary[m]}))
+    print(json.dumps({m: summary[m]["psnr_lungs"]["vs_identity"] for m in summary
+                      if isinstance(summary[m], dict) and "psnr_lungs" in summary[m]}))
 
 
 if __name__ == "__main__":

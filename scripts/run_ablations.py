@@ -24,7 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cirresdiff_bundle.cli import ABLATIONS  # noqa: E402
 from cirresdiff_bundle.runner import run_config  # noqa: E402
 
-
 METRICS = ("psnr_lung", "ssim_lung", "psnr_change", "ssim_change")
 
 

@@ -38,7 +38,8 @@ def score(kappa: float, ckpt_dir: Path, cases: list[dict], seed: int) -> dict:
     """Lung-PSNR gains over identity of the mean, one sample and f(x_t, y0, t) at every t, on ``cases``."""
     from custom.text import record_to_text
 
-    network, inferer, text_encoder = build(ckpt_dir, {"scheduler#kappa": kappa, "model_path": str(ckpt_dir / "model.pt")})
+    network, inferer, text_encoder = build(ckpt_dir, {"scheduler#kappa": kappa,
+                                                      "model_path": str(ckpt_dir / "model.pt")})
     network.eval()
     scheduler = inferer.scheduler
     rows: dict[str, list[float]] = {"identity": [], "mean": [], "sample": []}
@@ -50,7 +51,8 @@ def score(kappa: float, ckpt_dir: Path, cases: list[dict], seed: int) -> dict:
         lungs, region = torch.as_tensor(case["lungs"])[None] > 0, torch.as_tensor(case["mask"])[None] > 0
         context = None if text_encoder is None else text_encoder([record_to_text(case["record"], case["patient"])])
 
-        def psnr(pred: torch.Tensor) -> float:
+        def psnr(pred: torch.Tensor, x0: torch.Tensor = x0, lungs: torch.Tensor = lungs,
+                 region: torch.Tensor = region) -> float:
             return float(masked_psnr(pred * region, x0, lungs))
 
         rows["identity"].append(psnr(y0))
@@ -92,15 +94,18 @@ def main() -> None:
             (ckpt / "text_encoder").symlink_to(args.text_encoder.resolve())
         if not (run / "result.json").is_file():
             run_config(["train"], run_id="run", **{"dataset_dir": str(args.prepared), "ckpt_dir": str(ckpt),
-                                                   "output_dir": str(run / "train"), "model_path": str(ckpt / "model.pt"),
+                                                   "output_dir": str(run / "train"),
+                                                   "model_path": str(ckpt / "model.pt"),
                                                    "min_gain_db": -1000.0, "num_val_cases": args.cases,
                                                    "scheduler#kappa": kappa, **overrides})
-            (run / "result.json").write_text(json.dumps(score(kappa, ckpt, cases, args.seed), indent=2), encoding="utf-8")
+            result = score(kappa, ckpt, cases, args.seed)
+            (run / "result.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
         results[kappa] = json.loads((run / "result.json").read_text(encoding="utf-8"))
         r = results[kappa]
         print(f"kappa {kappa}: mean {r['mean_gain']['mean']:+.2f} dB, one sample {r['sample_gain']['mean']:+.2f} dB "
               f"(lungs, vs identity, {r['cases']} validation cases)", flush=True)
-    lines = ["| kappa | mean prediction gain (dB) | one-sample gain (dB) | x0 gain at t = 1 / 8 / 15 (dB) |", "|---|---|---|---|"]
+    lines = ["| kappa | mean prediction gain (dB) | one-sample gain (dB) | x0 gain at t = 1 / 8 / 15 (dB) |",
+             "|---|---|---|---|"]
     for kappa, r in results.items():
         by = r["x0_gain_by_step"]
         cells = [f"{r[k]['mean']:+.2f} [{r[k]['low']:+.2f}, {r[k]['high']:+.2f}]" for k in ("mean_gain", "sample_gain")]

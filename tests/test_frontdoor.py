@@ -77,8 +77,8 @@ def test_monai_label_style_training_overrides(bundle_root, tmp_path):
         image = (np.random.default_rng(i).random((32, 32, 32)) * 0.3).astype(np.float32)
         for name, array in (("image", image), ("target", image + 0.05), ("mask", mask)):
             nib.save(nib.Nifti1Image(array, np.eye(4)), str(prepared / f"C{i}" / f"{name}.nii.gz"))
-        cases.append({"patient": f"C{i}", **{k: str(prepared / f"C{i}" / f"{k}.nii.gz") for k in ("image", "target", "mask")},
-                      "record": RECORD})
+        files = {k: str(prepared / f"C{i}" / f"{k}.nii.gz") for k in ("image", "target", "mask")}
+        cases.append({"patient": f"C{i}", **files, "record": RECORD})
     (prepared / "datalist.json").write_text(json.dumps({"training": [], "testing": []}), encoding="utf-8")
     run(
         "run", config_file=str(bundle_root / "configs" / "train.json"), bundle_root=str(bundle_root),
@@ -109,7 +109,8 @@ def test_lungs_that_do_not_fit_the_grid_are_refused_or_predicted_as_declared_cro
     assert not whole["coverage"]["cropped"]
     with pytest.raises(Exception) as refused:
         predict_followup(raw_case, RECORD, grid=[48, 48, 48])
-    assert re.search(r"SYN0000: only \d+\.\d % of the lungs fit the 48x48x48 grid.*'grid'", str(root_cause(refused.value)))
+    message = str(root_cause(refused.value))
+    assert re.search(r"SYN0000: only \d+\.\d % of the lungs fit the 48x48x48 grid.*'grid'", message)
     cropped = predict_followup(raw_case, RECORD, output_dir=tmp_path / "crop", grid=[48, 48, 48], allow_cropped=True)[0]
     coverage = cropped["summary"]["coverage"]
     assert coverage["cropped"] and 0.0 < coverage["lungs_inside_grid"] < 0.98
@@ -135,8 +136,8 @@ def test_cli_predict_and_exit_codes(raw_case, tmp_path, capsys):
     with pytest.raises(SystemExit) as bad_record:
         main(["predict", "--input", str(raw_case), "--record", json.dumps({"FVC": -3})])
     assert bad_record.value.code == 2 and "FVC" in capsys.readouterr().err
-    help_text = subprocess.run([sys.executable, "-m", "cirresdiff_bundle.cli", "--help"], capture_output=True, encoding="utf-8", errors="replace",
-                               env={**os.environ, "PAGER": "cat"})
+    help_text = subprocess.run([sys.executable, "-m", "cirresdiff_bundle.cli", "--help"], capture_output=True,
+                               encoding="utf-8", errors="replace", env={**os.environ, "PAGER": "cat"})
     assert help_text.returncode == 0 and "predict" in help_text.stdout + help_text.stderr
 
 
@@ -151,7 +152,8 @@ def test_exported_archive_runs_inference_from_an_empty_folder(bundle_root, raw_c
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--input",
            str(raw_case), "--output_dir", str(tmp_path / "out")]
-    result = subprocess.run(cmd, cwd=folder, capture_output=True, encoding="utf-8", errors="replace", timeout=600, env=env)
+    result = subprocess.run(cmd, cwd=folder, capture_output=True, encoding="utf-8", errors="replace", timeout=600,
+                            env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "out" / "SYN0000" / "followup.nii.gz").is_file()
 
@@ -168,8 +170,8 @@ def test_exported_program_runs_without_this_repository(bundle_root, tmp_path):
             f"out = p(torch.full((1, 2, *{window}), 0.3), torch.tensor([7]), torch.zeros(1, 64, 256)); "
             "print(tuple(out.shape), float(out.mean()))")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run([sys.executable, "-c", code, str(path)], cwd=tmp_path, capture_output=True, encoding="utf-8", errors="replace",
-                            timeout=300, env=env)
+    result = subprocess.run([sys.executable, "-c", code, str(path)], cwd=tmp_path, capture_output=True,
+                            encoding="utf-8", errors="replace", timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     shape, mean = result.stdout.split(") ")
     assert shape + ")" == str((1, 1, *window))

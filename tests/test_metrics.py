@@ -58,7 +58,8 @@ def test_ignite_metric_averages_cases_and_stores_details():
     engine = Engine(lambda e, b: b)
     metric = MaskedImageMetric(masked_psnr, output_transform=lambda o: (o["pred"], o["label"], o["mask"]), name="psnr")
     metric.attach(engine, "val_psnr")
-    batches = [{"pred": list(pred[i : i + 1]), "label": list(target[i : i + 1]), "mask": list(mask[i : i + 1])} for i in range(2)]
+    batches = [{"pred": list(pred[i : i + 1]), "label": list(target[i : i + 1]), "mask": list(mask[i : i + 1])}
+               for i in range(2)]
     state = engine.run(batches, max_epochs=1)
     per_case = masked_psnr(pred, target, mask)
     assert math.isclose(state.metrics["val_psnr"], float(per_case.mean()), rel_tol=1e-5)
