@@ -51,10 +51,11 @@ class Commands:
         followup: str | None = None,
         cohort: str | None = None,
         segmenter: str | None = None,
-        grid: Sequence[int] | None = None,
+        grid: str | None = None,
         normalization: str | None = None,
         margin_mm: float | None = None,
         keep_failed_qc: bool = False,
+        workers: int = 1,
         config: str = "prepare",
     ) -> None:
         """Target-region pre-registration of one pair (--initial, --followup) or of a whole cohort (--cohort).
@@ -69,10 +70,12 @@ class Commands:
             followup: follow-up CT of the same patient.
             cohort: cohort folder with datalist.json and lung_function.csv (batch mode).
             segmenter: "threshold" (weight-free, default) or "totalsegmentator" (needs its weights).
-            grid: output grid in 1 mm voxels, e.g. 96,96,96 (default) or 512,512,256.
+            grid: the model grid: a preset of custom/grid.py ("adult", the default; "demo"; "paper") or
+                JSON such as '{"size": [96, 96, 96], "spacing_mm": 1.0}'.
             normalization: "window" (default) or "minmax".
             margin_mm: dilation of the lungs in mm.
             keep_failed_qc: prepare (and list in the datalist) pairs whose registration fails the QC.
+            workers: pairs prepared at once in separate processes (batch mode).
             config: config name or path (default configs/prepare.json).
         """
         overrides = {k: v for k, v in (("segmenter", segmenter), ("normalization", normalization),
@@ -80,12 +83,12 @@ class Commands:
         if keep_failed_qc:
             overrides["keep_failed_qc"] = True
         if grid is not None:
-            overrides["grid"] = [int(g) for g in (grid if isinstance(grid, (list, tuple)) else str(grid).split(","))]
+            overrides["grid"] = json.loads(grid) if isinstance(grid, str) and grid.lstrip().startswith("{") else grid
         if cohort is not None:
             if initial is not None or followup is not None:
                 raise UsageError("give either --cohort or --initial and --followup, not both")
             workflow = run_config([config], run_id="run", cohort_dir=str(Path(cohort).resolve()),
-                                  prepared_dir=str(Path(out).resolve()), **overrides)
+                                  prepared_dir=str(Path(out).resolve()), workers=int(workers), **overrides)
             summary = workflow.parser.get_parsed_content("prepare")
             print(f"prepared {len(summary['prepared'])}, already complete {len(summary['skipped'])}, "
                   f"failed {len(summary['failed'])}; datalist: {summary['datalist']}")

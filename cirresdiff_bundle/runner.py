@@ -17,6 +17,8 @@ if str(BUNDLE_ROOT) not in sys.path:
     # The bundle's components live in <bundle>/custom, found on the path as MONAI bundles are.
     sys.path.insert(0, str(BUNDLE_ROOT))
 
+from custom.grid import as_grid  # noqa: E402  (found through the path above)
+
 
 def config_paths(names: Sequence[str], bundle_root: str | os.PathLike = BUNDLE_ROOT) -> list[str]:
     """Absolute paths of config files given by name (``"train"``) or path.
@@ -36,6 +38,10 @@ def config_paths(names: Sequence[str], bundle_root: str | os.PathLike = BUNDLE_R
             raise FileNotFoundError(f"config file not found: {path}")
         paths.append(str(path.resolve()))
     return paths
+
+
+CHECKED_BY_READER = {"grid": as_grid}
+"""Config ids whose value has more than one form (a preset name or its full form): checked by what reads them."""
 
 
 def _fits(value: Any, default: Any) -> bool:
@@ -84,6 +90,9 @@ def check_overrides(paths: Sequence[str], overrides: dict[str, Any], allow_code:
     parser = ConfigParser()
     parser.read_config(list(paths))
     for key, value in overrides.items():
+        if key in CHECKED_BY_READER and not (isinstance(value, str) and value[:1] in ("$", "@", "%")):
+            CHECKED_BY_READER[key](value)
+            continue
         if key in parser and not _fits(value, default := parser.get(key)):
             raise TypeError(
                 f"config override {key}={value!r} ({type(value).__name__}) does not fit its default "

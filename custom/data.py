@@ -80,7 +80,7 @@ class DatasetSplit:
         val_fold: cross-validation fold held out for validation (0-4); ``None`` trains on all folds.
         cohort_dir: where to generate the synthetic cohort if the datalist does not exist yet.
         num_patients: size of the synthetic cohort generated on first use.
-        grid: voxels of the prepared grid used when preparing the synthetic cohort on first use.
+        grid: the model grid (``custom.grid`` preset or its full form) used when preparing the synthetic cohort on first use.
     """
 
     def __init__(
@@ -89,13 +89,13 @@ class DatasetSplit:
         val_fold: int | None = 0,
         cohort_dir: str | os.PathLike | None = None,
         num_patients: int = 24,
-        grid: tuple[int, int, int] = (96, 96, 96),
+        grid: str | Mapping = "adult",
     ) -> None:
         self.datalist = Path(datalist)
         self.val_fold = val_fold
         self.cohort_dir = Path(cohort_dir) if cohort_dir is not None else None
         self.num_patients = num_patients
-        self.grid = tuple(grid)
+        self.grid = grid
 
     def ensure(self) -> Path:
         """Generate and prepare the synthetic cohort when no datalist exists (first use)."""
@@ -103,7 +103,7 @@ class DatasetSplit:
             return self.datalist
         if self.cohort_dir is None:
             raise FileNotFoundError(f"datalist not found: {self.datalist}")
-        from custom.preregistration import PairPreparer, prepare_cohort, preparation_transform
+        from custom.preregistration import PairPreparer, preparation_transform, prepare_cohort
         from custom.synthetic import generate_cohort
 
         cohort_datalist = self.cohort_dir / "datalist.json"

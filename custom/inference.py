@@ -125,8 +125,9 @@ class GridCoverageCheckd(MapTransform):
                     "lungs_cut_by_scan": cut, "cropped": inside < self.min_inside}
             if inside < self.min_inside:
                 grid = "x".join(str(n) for n in region.shape[1:])
-                message = (f"{case}: only {100 * inside:.1f} % of the lungs fit the {grid} grid (at least "
-                           f"{100 * self.min_inside:.0f} % needed): set a larger 'grid'")
+                spacing = float(np.linalg.norm(np.asarray(region.affine)[:3, 0]))
+                message = (f"{case}: only {100 * inside:.1f} % of the lungs fit the {grid} grid of {spacing:g} mm voxels "
+                           f"(at least {100 * self.min_inside:.0f} % needed): set a larger 'grid' (custom/grid.py)")
                 if not self.allow_cropped:
                     raise ValueError(message + ", or 'allow_cropped' to predict the part that fits (the outputs then say so).")
                 logger.warning(message + "; predicting the part that fits ('allow_cropped').")

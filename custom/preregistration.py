@@ -2,17 +2,17 @@
 
 For a pair (initial, follow-up): load and check both CTs, segment left and right lungs, dilate,
 register each follow-up lung to the initial one (ANTs affine) and merge, then cut the dilated
-lung region out on a 1 x 1 x 1 mm grid of fixed size centred on it, and map HU to [0, 1].
+lung region out on the model grid (``custom.grid``: isotropic voxels, fixed size) centred on it,
+and map HU to [0, 1].
 
 The transforms read top to bottom in ``configs/prepare.json``:
 
 - preparation: ``LoadCTd`` -> ``SegmentLungsd`` -> ``DilateMaskd`` -> ``RegisterLungsd`` ->
   ``ResampleToGridd`` -> ``NormalizeHUd``;
-- inference preprocessing (initial scan only): the same without ``RegisterLungsd``;
-  ``GridToSourced`` maps a generated follow-up back into the initial scan's space.
+- inference preprocessing (initial scan only): the same without ``RegisterLungsd``.
 
-Everything stays in the initial scan's physical (RAS) frame: the output grid is axis-aligned,
-1 mm, and its affine places it where the lungs are in the initial scan.
+Everything stays in the initial scan's physical (RAS) frame: the output grid is axis-aligned and
+its affine places it where the lungs are in the initial scan.
 
 Intensities: a fixed HU window (``constants.HU_WINDOW``) by default, or per-scan min-max inside
 the lung region (the paper's choice); docs/preregistration.md compares them.
@@ -35,6 +35,7 @@ from monai.transforms import Compose, MapTransform
 from scipy import ndimage
 
 from custom.constants import AIR_HU, HU_WINDOW
+from custom.grid import Grid, as_grid
 from custom.io import CTInputError, check_output_dir, load_ct, write_json, write_nifti, write_png
 from custom.registration import register_pair
 from custom.segmentation import dilate_mm, segment_lungs, voxel_spacing
@@ -81,20 +82,8 @@ def denormalize(values: np.ndarray, window: Sequence[float] = HU_WINDOW) -> np.n
     return values * (high - low) + low
 
 
-def grid_affine(centre_ras: np.ndarray, grid: Sequence[int]) -> np.ndarray:
-    """RAS affine of an axis-aligned 1 mm grid of ``grid`` voxels centred on ``centre_ras``.
-
-    Args:
-        centre_ras: centre of the grid in mm.
-        grid: voxels per axis.
-    """
-    affine = np.eye(4)
-    affine[:3, 3] = np.asarray(centre_ras, dtype=float) - (np.asarray(grid) - 1) / 2.0
-    return affine
-
-
 def resample(array: np.ndarray, source_affine: np.ndarray, target_affine: np.ndarray, shape: Sequence[int],
-             order: int, fill: float) -> np.ndarray:
+             order: int, fill: float, antialias: bool = False) -> np.ndarray:
     """Resample ``array`` onto another grid by physical position.
 
     Args:
@@ -104,10 +93,28 @@ def resample(array: np.ndarray, source_affine: np.ndarray, target_affine: np.nda
         shape: target grid size.
         order: interpolation order (0 nearest, 1 linear).
         fill: value outside the source.
+        antialias: low-pass the source first where the target is coarser (Gaussian, sigma = (ratio - 1) / 2
+            source voxels, as MONAI's ``Resize``), so a 2 mm grid shows the same image whatever the scan's
+            spacing; only the part of the source the target covers is filtered.
     """
     mapping = np.linalg.inv(source_affine) @ target_affine
-    return ndimage.affine_transform(np.asarray(array, dtype=np.float32), mapping[:3, :3], offset=mapping[:3, 3],
-                                    output_shape=tuple(int(s) for s in shape), order=order, mode="constant", cval=fill)
+    shape = tuple(int(s) for s in shape)
+    source = np.asarray(array, dtype=np.float32)
+    if antialias:
+        ratio = np.linalg.norm(mapping[:3, :3], axis=1)  # target voxels per source voxel, per source axis
+        sigma = np.maximum((ratio - 1.0) / 2.0, 0.0)
+        if sigma.max() > 0.1:
+            corners = np.array(np.meshgrid(*[(-0.5, n - 0.5) for n in shape], indexing="ij")).reshape(3, -1).T
+            reach = corners @ mapping[:3, :3].T + mapping[:3, 3]
+            pad = np.ceil(4 * sigma).astype(int) + 2
+            lo = np.clip(np.floor(reach.min(0)).astype(int) - pad, 0, source.shape)
+            hi = np.clip(np.ceil(reach.max(0)).astype(int) + pad + 1, 0, source.shape)
+            if np.all(hi > lo):
+                source = ndimage.gaussian_filter(source[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], sigma, mode="nearest")
+                mapping = mapping.copy()
+                mapping[:3, 3] -= lo
+    return ndimage.affine_transform(source, mapping[:3, :3], offset=mapping[:3, 3], output_shape=shape, order=order,
+                                    mode="constant", cval=fill)
 
 
 def as_meta(array: np.ndarray, affine: np.ndarray, meta: Mapping | None = None) -> MetaTensor:
@@ -216,7 +223,7 @@ class RegisterLungsd(MapTransform):
     """
 
     def __init__(self, fixed_key: str = "image", moving_key: str = "target", margin_mm: float = 10.0,
-                 metric_margin_mm: float = 3.0, registration_spacing_mm: float = 2.0, transform_type: str = "Affine",
+                 metric_margin_mm: float = 3.0, registration_spacing_mm: float = 3.0, transform_type: str = "Affine",
                  seed: int = 1) -> None:
         super().__init__([fixed_key, moving_key])
         self.fixed_key, self.moving_key = fixed_key, moving_key
@@ -241,26 +248,26 @@ class RegisterLungsd(MapTransform):
 
 
 class ResampleToGridd(MapTransform):
-    """Resample images and masks onto a 1 mm axis-aligned grid of fixed size centred on the lung region.
+    """Resample images and masks onto the model grid, centred on the lung region.
 
     The grid's centre is the centre of the bounding box of ``region_key`` (in the initial scan's
     RAS frame). Masks use nearest-neighbour-like interpolation (linear, then > 0.5); images are
-    linear and padded with air. The source geometry is kept in the metadata (``source_affine``,
-    ``source_shape``) for ``GridToSourced``, and the share of the region that fits in the grid
-    in ``region_inside_grid``.
+    linear (anti-aliased) and padded with air. The source geometry is kept in the metadata
+    (``source_affine``, ``source_shape``), and the share of the region that fits in the grid in
+    ``region_inside_grid``.
 
     Args:
         keys: keys of HU images on the initial scan's grid.
         region_key: key of the binary region that centres the grid (resampled as a mask).
-        grid: voxels of the output grid (1 mm each), e.g. (96, 96, 96) or (512, 512, 256).
+        grid: the model grid: a ``custom.grid`` preset name (``"adult"``, ``"paper"``, ...) or ``{"size", "spacing_mm"}``.
         fill: HU outside the source image.
         allow_missing_keys: skip absent keys.
     """
 
     def __init__(self, keys: Sequence[Hashable] | Hashable, region_key: str = "mask",
-                 grid: Sequence[int] = (96, 96, 96), fill: float = AIR_HU, allow_missing_keys: bool = False) -> None:
+                 grid: Grid | str | Mapping = "adult", fill: float = AIR_HU, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.region_key, self.grid, self.fill = region_key, tuple(int(g) for g in grid), float(fill)
+        self.region_key, self.grid, self.fill = region_key, as_grid(grid), float(fill)
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
@@ -271,14 +278,15 @@ class ResampleToGridd(MapTransform):
             raise CTInputError(f"{_source_name(region_image, self.region_key)}: the lung region is empty")
         idx = np.stack(np.nonzero(region), 1)
         centre = source_affine[:3, :3] @ ((idx.min(0) + idx.max(0)) / 2.0) + source_affine[:3, 3]
-        target_affine = grid_affine(centre, self.grid)
-        mask = resample(region, source_affine, target_affine, self.grid, order=1, fill=0.0) > 0.5
+        target_affine, size = self.grid.affine(centre), self.grid.size
+        mask = resample(region, source_affine, target_affine, size, order=1, fill=0.0) > 0.5
         region_mm3 = region.sum() * float(np.prod(voxel_spacing(source_affine)))
         geometry = {"source_affine": source_affine, "source_shape": np.asarray(region.shape),
-                    "region_inside_grid": float(mask.sum() / max(region_mm3, 1e-6))}
+                    "region_inside_grid": float(mask.sum() * self.grid.spacing_mm**3 / max(region_mm3, 1e-6))}
         for key in self.key_iterator(d):
             image = d[key]
-            hu = resample(np.asarray(image[0]), np.asarray(image.affine), target_affine, self.grid, order=1, fill=self.fill)
+            hu = resample(np.asarray(image[0]), np.asarray(image.affine), target_affine, size, order=1, fill=self.fill,
+                          antialias=True)
             d[key] = as_meta(hu.astype(np.float32), target_affine, {**image.meta, **geometry})
         d[self.region_key] = as_meta(mask.astype(np.uint8), target_affine, {**region_image.meta, **geometry})
         return d
@@ -319,47 +327,14 @@ class NormalizeHUd(MapTransform):
         return d
 
 
-class GridToSourced(MapTransform):
-    """Map a generated follow-up from the model's grid back into the initial scan's space, in HU.
-
-    Inside the lung region the generated intensities (window-denormalised) replace the initial
-    scan's; outside it the initial scan is kept, so the output is a whole follow-up CT.
-
-    Args:
-        keys: keys of grid images in [0, 1] (e.g. ``pred``), channel first.
-        source_key: key of the initial scan in HU on its own grid.
-        mask_key: key of the region mask on the model's grid.
-        window: HU window used by the normalisation.
-    """
-
-    def __init__(self, keys: Sequence[Hashable] | Hashable, source_key: str = "image_hu", mask_key: str = "mask",
-                 window: Sequence[float] = HU_WINDOW) -> None:
-        super().__init__(keys)
-        self.source_key, self.mask_key, self.window = source_key, mask_key, tuple(window)
-
-    def __call__(self, data: Mapping) -> dict:
-        d = dict(data)
-        source = d[self.source_key]
-        source_affine, shape = np.asarray(source.affine), source.shape[1:]
-        grid_aff = np.asarray(d[self.mask_key].affine)
-        region = resample(np.asarray(d[self.mask_key][0]), grid_aff, source_affine, shape, 1, 0.0) > 0.5
-        for key in self.key_iterator(d):
-            pred = d[key]
-            pred = np.asarray(pred.detach().cpu() if hasattr(pred, "detach") else pred, dtype=np.float32)
-            channels = [np.where(region, denormalize(resample(c, grid_aff, source_affine, shape, 1, 0.0), self.window),
-                                 np.asarray(source[0])) for c in pred]
-            d[key] = MetaTensor(np.stack(channels).astype(np.float32), affine=source_affine, meta=dict(source.meta))
-        return d
-
-
-def preparation_transform(segmenter: str = "threshold", margin_mm: float = 10.0, grid: Sequence[int] = (96, 96, 96),
+def preparation_transform(segmenter: str = "threshold", margin_mm: float = 10.0, grid: Grid | str | Mapping = "adult",
                           normalization: str = "window", transform_type: str = "Affine", seed: int = 1) -> Compose:
     """The pair-preparation chain of ``configs/prepare.json``, for use from Python.
 
     Args:
         segmenter: lung segmentation back end.
         margin_mm: dilation of the lungs (registration masks and region).
-        grid: voxels of the output grid (1 mm).
+        grid: the model grid (``custom.grid`` preset name or ``{"size", "spacing_mm"}``).
         normalization: ``"window"`` or ``"minmax"``.
         transform_type: ANTs transform type.
         seed: positive seed of ANTs' random sampling.
@@ -539,7 +514,9 @@ class PairPreparer:
         start = time.perf_counter()
         d, seconds = self.run_chain(initial, followup)
         qc = {"patient": patient or out.name, "initial": str(initial), "followup": str(followup),
-              "grid": list(d["image"].shape[1:]), "normalization": d["image"].meta.get("normalization"),
+              "grid": {"size": list(d["image"].shape[1:]),
+                       "spacing_mm": round(float(voxel_spacing(np.asarray(d["image"].affine))[0]), 4)},
+              "normalization": d["image"].meta.get("normalization"),
               **d["registration"], "region_inside_grid": round(float(d["mask"].meta["region_inside_grid"]), 4)}
         qc["qc_failures"] = self.qc_failures(qc)
         qc["qc_passed"] = not qc["qc_failures"]
@@ -598,7 +575,8 @@ def add_references(folder: Path, initial_lesions: Path, oracle: Path, oracle_les
     region, grid = load(folder / "mask.nii.gz")
     if not (folder / REFERENCE_FILES["oracle"]).is_file():
         hu, affine = load(oracle)
-        values = normalize_hu(resample(hu, affine, grid, region.shape, order=1, fill=AIR_HU), "window", window)
+        values = normalize_hu(resample(hu, affine, grid, region.shape, order=1, fill=AIR_HU, antialias=True), "window",
+                              window)
         write_nifti(folder / REFERENCE_FILES["oracle"], np.where(region > 0, values, 0.0).astype(np.float32), grid)
     if not (folder / REFERENCE_FILES["new_lesions"]).is_file():
         before, affine = load(initial_lesions)
@@ -614,8 +592,39 @@ def case_complete(folder: Path) -> bool:
     return all((folder / name).is_file() for name in PREPARED_FILES)
 
 
+def _prepare_case(job: tuple) -> tuple[str, dict | None, dict | None, str | None, bool]:
+    """Prepare (or check, if complete) one case of a cohort: a unit of work that worker processes can run.
+
+    Returns ``(patient, item, qc, error, skipped)``: the prepared datalist entry and QC record, or the error.
+    """
+    preparer, cohort, out, tables, entry = job
+    patient = str(entry["patient"])
+    folder = out / patient
+    try:
+        if patient not in tables:
+            raise ValueError(f"no row for patient {patient} in {cohort / 'lung_function.csv'}")
+        skipped = case_complete(folder)
+        if skipped:
+            qc = json.loads((folder / "qc.json").read_text(encoding="utf-8"))
+            # A pair prepared by an earlier run passes the same gate as a new one.
+            preparer.check(qc, folder)
+        else:
+            if folder.exists():
+                raise FileExistsError(f"{folder} exists but is incomplete; remove it to prepare this case again")
+            qc = preparer(cohort / entry["initial"], cohort / entry["followup"], folder, patient)
+        references = {}
+        if all(k in entry for k in ("initial_lesions", "oracle_followup", "oracle_followup_lesions")):
+            references = add_references(folder, cohort / entry["initial_lesions"], cohort / entry["oracle_followup"],
+                                        cohort / entry["oracle_followup_lesions"])
+    except Exception as e:  # one bad case must not stop the cohort; the caller reports it
+        return patient, None, None, f"{type(e).__name__}: {e}", False
+    item = {"patient": patient, **{k: f"{patient}/{k}.nii.gz" for k in ("image", "target", "mask", "lungs")},
+            **references, **({"fold": entry["fold"]} if "fold" in entry else {}), **tables[patient]}
+    return patient, item, qc, None, skipped
+
+
 def prepare_cohort(cohort_dir: str | os.PathLike, prepared_dir: str | os.PathLike,
-                   preparer: PairPreparer | None = None, progress: bool = True) -> dict:
+                   preparer: PairPreparer | None = None, progress: bool = True, workers: int = 1) -> dict:
     """Prepare every pair of a cohort and write the prepared datalist (layout in docs/architecture.md).
 
     Cases already complete are skipped (so an interrupted run resumes); a failing case is
@@ -628,6 +637,8 @@ def prepare_cohort(cohort_dir: str | os.PathLike, prepared_dir: str | os.PathLik
         prepared_dir: output folder.
         preparer: the pair preparer (default settings when ``None``).
         progress: show a tqdm progress bar.
+        workers: pairs prepared at once in separate processes (ANTs runs one thread in each, so the
+            results do not depend on it).
 
     Returns:
         ``{"datalist", "prepared", "skipped", "failed": {patient: reason}, "warnings": {patient: [...]}}``.
@@ -645,39 +656,33 @@ def prepare_cohort(cohort_dir: str | os.PathLike, prepared_dir: str | os.PathLik
     summary: dict = {"prepared": [], "skipped": [], "failed": {}, "warnings": {}}
     prepared_list: dict[str, list] = {section: [] for section in cohort_list}
     cases = [(section, entry) for section in ("training", "validation", "testing") for entry in cohort_list.get(section, [])]
-    bar = tqdm(cases, desc="prepare", unit="pair", disable=not progress)
-    for section, entry in bar:
-        patient = str(entry["patient"])
-        bar.set_postfix_str(patient)
-        folder = out / patient
-        try:
-            if patient not in tables:
-                raise ValueError(f"no row for patient {patient} in {cohort / 'lung_function.csv'}")
-            if case_complete(folder):
-                qc = json.loads((folder / "qc.json").read_text(encoding="utf-8"))
-                summary["skipped"].append(patient)
-                # A pair prepared by an earlier run passes the same gate as a new one.
-                preparer.check(qc, folder)
-            else:
-                if folder.exists():
-                    raise FileExistsError(f"{folder} exists but is incomplete; remove it to prepare this case again")
-                qc = preparer(cohort / entry["initial"], cohort / entry["followup"], folder, patient)
-                summary["prepared"].append(patient)
-            references = {}
-            if all(k in entry for k in ("initial_lesions", "oracle_followup", "oracle_followup_lesions")):
-                references = add_references(folder, cohort / entry["initial_lesions"], cohort / entry["oracle_followup"],
-                                            cohort / entry["oracle_followup_lesions"])
-        except Exception as e:  # one bad case must not stop the cohort; it is reported below
-            summary["failed"][patient] = f"{type(e).__name__}: {e}"
-            tqdm.write(f"prepare: {patient} FAILED: {e}")
-            logger.error("preparing %s failed: %s", patient, e)
-            continue
-        notes = preparer.qc_failures(qc) + list(qc.get("warnings", []))
-        if notes:
-            summary["warnings"][patient] = notes
-        item = {"patient": patient, **{k: f"{patient}/{k}.nii.gz" for k in ("image", "target", "mask", "lungs")},
-                **references, **({"fold": entry["fold"]} if "fold" in entry else {}), **tables[patient]}
-        prepared_list[section].append(item)
+    jobs = [(preparer, cohort, out, tables, entry) for _, entry in cases]
+    pool = None
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn: a forked child would inherit the parent's torch and ITK thread state.
+        pool = ProcessPoolExecutor(max_workers=int(workers), mp_context=multiprocessing.get_context("spawn"))
+        results = pool.map(_prepare_case, jobs)
+    else:
+        results = map(_prepare_case, jobs)
+    try:
+        for (section, _), (patient, item, qc, error, skipped) in tqdm(zip(cases, results), total=len(cases), desc="prepare",
+                                                                      unit="pair", disable=not progress):
+            if error is not None:
+                summary["failed"][patient] = error
+                tqdm.write(f"prepare: {patient} FAILED: {error}")
+                logger.error("preparing %s failed: %s", patient, error)
+                continue
+            summary["skipped" if skipped else "prepared"].append(patient)
+            notes = preparer.qc_failures(qc) + list(qc.get("warnings", []))
+            if notes:
+                summary["warnings"][patient] = notes
+            prepared_list[section].append(item)
+    finally:
+        if pool is not None:
+            pool.shutdown()
     summary["datalist"] = str(write_json(out / "datalist.json", prepared_list))
     write_json(out / "failures.json", summary["failed"])
     if summary["failed"]:

@@ -20,8 +20,14 @@ units on the patient's own voxel grid (spacing varies per patient, RAS affine in
   (ATS/ERS/JRS/ALAT 2022 guideline on progressive pulmonary fibrosis).
 
 Coordinates are millimetres in RAS (x to the patient's left, y anterior, z superior); arrays are
-indexed (x, y, z). ``body_scale`` = 1 is an adult chest; the default is a small chest whose lungs
-fit a 96 mm cube, so that the whole pipeline runs on a laptop CPU.
+indexed (x, y, z). ``body_scale`` = 1 (the default) is an adult chest at real-CT geometry: a
+512 x 512 matrix of 0.6-0.85 mm pixels over the chest, slices of 1-2.5 mm covering both lungs from
+apex to base, lungs of about 3-6 litres whose volume follows the patient's FVC (lung volume on CT
+tracks FVC in ILD). Smaller values shrink every structure alike (the tests use small chests).
+
+The anatomy is rendered at ``DETAIL_MM`` (2 mm for an adult, scaled with the body) and resampled
+linearly onto the scanner grid, where the acquisition noise is added: this keeps an adult pair at
+seconds instead of minutes, and 2 mm is the resolution the shipped model sees.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,9 +50,28 @@ from custom.constants import LEFT_LUNG, LESION_LABELS, RIGHT_LUNG
 from custom.io import atomic_write_bytes, nifti_bytes
 
 SMOKING = ("Never smoked", "Ex-smoker", "Currently smokes")
-DEFAULT_BODY_SCALE = 0.25
+DEFAULT_BODY_SCALE = 1.0
+SMALL_BODY_SCALE = 0.25
+"""A small chest whose dilated lungs fit the "small" grid (a 108 mm cube): what the tests use."""
 # Adult half-sizes in mm (x: half width, y: half depth, z: half height of the imaged chest).
 ADULT_HALF_SIZE = np.array([170.0, 115.0, 150.0])
+NOMINAL_LUNG_ML = 4300.0
+"""Volume of both lungs of the phantom at ``ADULT_HALF_SIZE`` (measured by rendering it at 1 mm)."""
+DETAIL_MM = 2.0
+"""Voxel size the adult anatomy is rendered at before resampling to the scanner grid."""
+MATRIX = 512
+"""In-plane matrix of the scans (the field of view sets the pixel size)."""
+SLICE_MM = (1.0, 1.25, 1.5, 2.0, 2.5)
+"""Slice spacings a scan is reconstructed at (one drawn per patient), as in the OSIC scans."""
+
+
+def lung_volume_ml(fvc_ml: float) -> float:
+    """Lung volume at full inspiration on CT for a measured FVC: about TLC = FVC + residual volume.
+
+    Args:
+        fvc_ml: forced vital capacity in ml.
+    """
+    return 1.2 * fvc_ml + 900.0
 
 
 @dataclass
@@ -65,6 +91,7 @@ class Patient:
     followup_percent: float
     burden: float
     followup_burden: float
+    lung_ml: float = NOMINAL_LUNG_ML
 
     @property
     def decline(self) -> float:
@@ -122,10 +149,12 @@ def sample_patient(patient_id: str, rng: np.random.Generator) -> Patient:
     decline = float(np.clip(rate * weeks / 52.0, -0.03, 0.45))
     followup_fvc = fvc * (1.0 - decline)
     followup_burden = float(np.clip(burden + 1.1 * max(decline, 0.0), burden, 0.6))
+    lung_ml = lung_volume_ml(fvc) * float(np.exp(rng.normal(0.0, 0.06)))
     return Patient(
         patient_id=patient_id, age=age, sex=sex, smoking=smoking, height_cm=round(height, 1), fvc=round(fvc),
         percent=round(percent, 1), dlco=round(dlco, 1), weeks=round(weeks), followup_fvc=round(followup_fvc),
         followup_percent=round(percent * (1.0 - decline), 1), burden=burden, followup_burden=followup_burden,
+        lung_ml=lung_ml,
     )
 
 
@@ -156,11 +185,15 @@ class ChestPhantom:
     Args:
         rng: the patient's random stream (anatomy variations, vessel tree, lesion field).
         body_scale: 1 for an adult chest; smaller values shrink every structure alike.
+        lung_ml: lung volume of the adult chest (before ``body_scale``); the whole chest is scaled to it.
     """
 
-    def __init__(self, rng: np.random.Generator, body_scale: float) -> None:
-        self.s = body_scale
-        self.half = ADULT_HALF_SIZE * body_scale * rng.uniform(0.92, 1.08, 3)
+    def __init__(self, rng: np.random.Generator, body_scale: float, lung_ml: float = NOMINAL_LUNG_ML) -> None:
+        self.body_scale = body_scale
+        self.s = body_scale * (lung_ml / NOMINAL_LUNG_ML) ** (1.0 / 3.0)
+        # Shape varies per patient at constant volume, so the lung volume is the one asked for.
+        shape = rng.uniform(0.92, 1.08, 3)
+        self.half = ADULT_HALF_SIZE * self.s * shape / np.prod(shape) ** (1.0 / 3.0)
         hx, hy, hz = self.half
         # Lungs: ellipsoids either side of the mediastinum; index 0 = right (x < 0), 1 = left.
         self.lung_centres = np.array([[-0.45 * hx, -0.05 * hy, 0.05 * hz], [0.47 * hx, -0.05 * hy, 0.05 * hz]])
@@ -248,11 +281,7 @@ class ChestPhantom:
 
         lesion_lab = self._lesions(pts, lung_lab, depth, burden)
         hu = self._paint_lesions(hu, pts, lesion_lab)
-        if rng is None:
-            return hu, lung_lab, lesion_lab
-        noise = rng.normal(0.0, 1.0, hu.shape).astype(np.float32)
-        hu = hu + 18.0 * ndimage.gaussian_filter(noise, 0.6) / 0.27
-        return hu, lung_lab, lesion_lab
+        return (hu if rng is None else add_acquisition_noise(hu, rng)), lung_lab, lesion_lab
 
     def _vessel_atlas(self) -> tuple[np.ndarray, np.ndarray, float]:
         """Vessel partial-volume fraction on a fine body-frame grid, rasterised once per patient.
@@ -361,6 +390,67 @@ class ChestPhantom:
         return hu
 
 
+def add_acquisition_noise(hu: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """CT noise of about 18 HU SD with a short correlation length (a soft reconstruction kernel).
+
+    Args:
+        hu: noise-free image on the scanner grid.
+        rng: random stream.
+    """
+    noise = rng.standard_normal(hu.shape, dtype=np.float32)
+    return hu + (18.0 / 0.27) * ndimage.gaussian_filter(noise, 0.6)
+
+
+class DetailGrid:
+    """The coarser grid the anatomy is rendered on, over the same field of view as the scan, and the way back.
+
+    Each axis keeps the scan's spacing when it is already as coarse as ``detail_mm``; otherwise it
+    uses ``detail_mm``. Returning to the scan is separable (per axis), linear for images and
+    nearest-neighbour for labels.
+
+    Args:
+        shape: scan grid size.
+        affine: scan grid affine (axis-aligned).
+        detail_mm: largest voxel size of the detail grid.
+    """
+
+    def __init__(self, shape: tuple[int, int, int], affine: np.ndarray, detail_mm: float) -> None:
+        spacing = np.diag(affine)[:3]
+        self.scan_shape = tuple(shape)
+        self.spacing = np.maximum(spacing, detail_mm)
+        extent = (np.asarray(shape) - 1) * spacing
+        self.shape = tuple(int(n) for n in np.ceil(extent / self.spacing - 1e-6).astype(int) + 1)
+        centre = affine[:3, 3] + extent / 2.0
+        self.affine = np.diag([*self.spacing, 1.0])
+        self.affine[:3, 3] = centre - (np.asarray(self.shape) - 1) / 2.0 * self.spacing
+        # Position of each scan voxel along each axis, in detail-grid voxels.
+        self._coords = [(affine[d, 3] + spacing[d] * np.arange(shape[d]) - self.affine[d, 3]) / self.spacing[d]
+                        for d in range(3)]
+
+    def to_scan(self, array: np.ndarray, linear: bool) -> np.ndarray:
+        """Resample a detail-grid array onto the scan grid.
+
+        Args:
+            array: values on the detail grid.
+            linear: linear interpolation (images); ``False`` takes the nearest voxel (labels).
+        """
+        out = array
+        for axis, u in enumerate(self._coords):
+            if out.shape[axis] == self.scan_shape[axis] and np.allclose(u, np.arange(len(u))):
+                continue
+            n = out.shape[axis]
+            if not linear:
+                out = np.take(out, np.clip(np.rint(u), 0, n - 1).astype(np.intp), axis=axis)
+                continue
+            i0 = np.clip(np.floor(u), 0, n - 1).astype(np.intp)
+            i1 = np.minimum(i0 + 1, n - 1)
+            view = [1, 1, 1]
+            view[axis] = len(u)
+            w = np.clip(u - i0, 0.0, 1.0).astype(np.float32).reshape(view)
+            out = np.take(out, i0, axis=axis) * (1.0 - w) + np.take(out, i1, axis=axis) * w
+        return out
+
+
 def voxel_grid(shape: tuple[int, int, int], affine: np.ndarray) -> np.ndarray:
     """RAS coordinates (mm) of every voxel centre of a grid, shape (X, Y, Z, 3).
 
@@ -372,20 +462,26 @@ def voxel_grid(shape: tuple[int, int, int], affine: np.ndarray) -> np.ndarray:
     return idx @ affine[:3, :3].T.astype(np.float32) + affine[:3, 3].astype(np.float32)
 
 
-def patient_grid(phantom: ChestPhantom, rng: np.random.Generator) -> tuple[tuple[int, int, int], np.ndarray]:
-    """Voxel grid of a scan: per-patient spacing (in-plane 0.6-1.0 mm, slices 1-2.5 mm) covering the chest.
+def patient_grid(phantom: ChestPhantom, rng: np.random.Generator, slice_mm: Sequence[float] = SLICE_MM
+                 ) -> tuple[tuple[int, int, int], np.ndarray]:
+    """Voxel grid of a scan: a ``MATRIX`` x ``MATRIX`` field of view over the chest, slices from the lung bases to the apices.
 
     Args:
         phantom: the patient's anatomy.
         rng: random stream.
+        slice_mm: slice spacings to draw from.
     """
-    inplane = float(rng.uniform(0.6, 1.0))
-    slice_mm = float(rng.choice([1.0, 1.25, 1.5, 2.0, 2.5]))
-    spacing = np.array([inplane, inplane, slice_mm])
-    extent = np.array([2.3 * phantom.half[0], 2.3 * phantom.half[0], 1.7 * phantom.half[2]])
-    shape = tuple(int(n) for n in np.ceil(extent / spacing))
+    fov = 2.3 * phantom.half[0] * float(rng.uniform(0.97, 1.08))
+    slice_mm = float(rng.choice(np.asarray(slice_mm, dtype=float)))
+    # A smaller chest keeps real pixel sizes on a proportionally smaller matrix.
+    matrix = int(round(MATRIX * min(phantom.body_scale, 1.0)))
+    spacing = np.array([fov / matrix, fov / matrix, slice_mm])
+    # The lungs reach from about -0.7 (bases) to +0.95 (apices) of the half height: cover them with a margin.
+    bottom, top = -0.78 * phantom.half[2], 1.05 * phantom.half[2]
+    shape = (matrix, matrix, int(np.ceil((top - bottom) / slice_mm)) + 1)
     affine = np.diag([*spacing, 1.0])
-    affine[:3, 3] = -(np.array(shape) - 1) / 2.0 * spacing
+    affine[:2, 3] = -(matrix - 1) / 2.0 * spacing[:2]
+    affine[2, 3] = bottom
     return shape, affine
 
 
@@ -481,7 +577,8 @@ def write_dicom_series(folder: Path, hu: np.ndarray, affine: np.ndarray, patient
 
 
 def generate_patient(
-    patient: Patient, rng: np.random.Generator, out_dir: Path, body_scale: float, write_dicom: bool = False
+    patient: Patient, rng: np.random.Generator, out_dir: Path, body_scale: float, write_dicom: bool = False,
+    slice_mm: Sequence[float] = SLICE_MM,
 ) -> dict:
     """Render and write one patient's paired scans, labels and ground-truth transforms.
 
@@ -491,22 +588,29 @@ def generate_patient(
         out_dir: the patient's folder.
         body_scale: 1 for an adult chest.
         write_dicom: also write the initial scan as a DICOM series in ``initial_dicom/``.
+        slice_mm: slice spacings to draw from.
     """
-    phantom = ChestPhantom(rng, body_scale)
-    shape, affine = patient_grid(phantom, rng)
-    pts = voxel_grid(shape, affine)
-    hu0, lungs0, lesions0 = phantom.render(pts, patient.burden, rng)
+    phantom = ChestPhantom(rng, body_scale, patient.lung_ml)
+    shape, affine = patient_grid(phantom, rng, slice_mm)
+    detail = DetailGrid(shape, affine, DETAIL_MM * body_scale)
+    pts = voxel_grid(detail.shape, detail.affine)
+    hu0, lungs0, lesions0 = phantom.render(pts, patient.burden, None)
 
     # Up to ~10 mm in an adult chest, shrunk with the body so the lungs never fold over the mediastinum.
     motion_mm = 10.0 * body_scale
     lung_centres = phantom.lung_centres
     lung_transforms = [random_affine(rng, c, 4.0, motion_mm, 0.03) for c in lung_centres]
     body_transform = random_affine(rng, np.zeros(3), 1.0, 0.3 * motion_mm, 0.0)
-    follow_pts = piecewise_inverse_map(voxel_grid(shape, affine), phantom, lung_transforms, body_transform)
-    hu1, lungs1, lesions1 = phantom.render(follow_pts, patient.followup_burden, rng)
+    follow_pts = piecewise_inverse_map(pts, phantom, lung_transforms, body_transform)
+    hu1, lungs1, lesions1 = phantom.render(follow_pts, patient.followup_burden, None)
     # The oracle: the follow-up's anatomy in the initial scan's frame, without motion or noise. It
     # is the ceiling of any prediction and defines the new lesions exactly, with no registration error.
     hu_oracle, _, lesions_oracle = phantom.render(pts, patient.followup_burden, None)
+    del pts, follow_pts
+    hu0, hu1 = (add_acquisition_noise(detail.to_scan(h, linear=True), rng) for h in (hu0, hu1))
+    hu_oracle = detail.to_scan(hu_oracle, linear=True)
+    lungs0, lungs1, lesions0, lesions1, lesions_oracle = (
+        detail.to_scan(m, linear=False) for m in (lungs0, lungs1, lesions0, lesions1, lesions_oracle))
 
     files = {
         "initial.nii.gz": nifti_bytes(np.round(hu0).clip(-1024, 3071).astype(np.int16), affine),
@@ -559,10 +663,18 @@ def split_patients(ids: list[str], seed: int, test_fraction: float = 0.2, folds:
         folds: number of cross-validation folds.
     """
     order = np.random.default_rng(np.random.SeedSequence([seed, 10**6])).permutation(len(ids))
-    n_test = max(1, int(round(test_fraction * len(ids))))
+    n_test = max(1, int(round(test_fraction * len(ids)))) if test_fraction > 0 else 0
     test = sorted(ids[i] for i in order[:n_test])
     train = [ids[i] for i in order[n_test:]]
     return test, {pid: k % folds for k, pid in enumerate(train)}
+
+
+def _generate_one(job: tuple[Path, int, int, float, bool, tuple[float, ...]]) -> tuple[Patient, dict]:
+    """Draw and render patient ``index`` of a cohort (a picklable unit of work for worker processes)."""
+    out, seed, index, body_scale, write_dicom, slice_mm = job
+    rng = patient_rng(seed, index)
+    patient = sample_patient(f"SYN{index:04d}", rng)
+    return patient, generate_patient(patient, rng, out / patient.patient_id, body_scale, write_dicom, slice_mm)
 
 
 def generate_cohort(
@@ -571,6 +683,9 @@ def generate_cohort(
     seed: int = 0,
     body_scale: float = DEFAULT_BODY_SCALE,
     write_dicom: bool = False,
+    workers: int = 1,
+    test_fraction: float = 0.2,
+    slice_mm: Sequence[float] = SLICE_MM,
 ) -> Path:
     """Write a synthetic IPF cohort (layout in docs/architecture.md); returns the datalist path.
 
@@ -580,24 +695,31 @@ def generate_cohort(
         out_dir: cohort folder.
         n_patients: number of patients.
         seed: cohort seed; the same seed gives identical files.
-        body_scale: 1 for adult chests; the default fits the demo's 96 mm grid.
+        body_scale: 1 (default) for adult chests; ``SMALL_BODY_SCALE`` for the tests' small chests.
         write_dicom: also write each initial scan as a DICOM series.
+        workers: patients generated at once in separate processes (each patient has its own random
+            stream, so the files do not depend on it).
+        test_fraction: share of patients in the test split (0 for a training-only cohort).
+        slice_mm: slice spacings the scans are drawn at (the demo keeps the thicker ones, for time).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    patients, stats = [], {}
-    for index in range(n_patients):
-        rng = patient_rng(seed, index)
-        patient = sample_patient(f"SYN{index:04d}", rng)
-        folder = out / patient.patient_id
-        stats[patient.patient_id] = generate_patient(patient, rng, folder, body_scale, write_dicom)
-        patients.append(patient)
+    jobs = [(out, seed, index, body_scale, write_dicom, tuple(slice_mm)) for index in range(n_patients)]
+    if workers > 1 and n_patients > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=int(workers)) as pool:
+            results = list(pool.map(_generate_one, jobs))
+    else:
+        results = [_generate_one(job) for job in jobs]
+    patients = [patient for patient, _ in results]
+    stats = {patient.patient_id: stat for patient, stat in results}
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=TABLE_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(table_row(p) for p in patients)
     atomic_write_bytes(out / "lung_function.csv", buffer.getvalue().encode())
-    test, folds = split_patients([p.patient_id for p in patients], seed)
+    test, folds = split_patients([p.patient_id for p in patients], seed, test_fraction)
 
     def entry(pid: str) -> dict:
         names = ("initial", "followup", "initial_lungs", "followup_lungs", "initial_lesions", "followup_lesions",

@@ -22,8 +22,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="cohort seed (same seed, same bytes)")
     parser.add_argument("--body-scale", type=float, default=DEFAULT_BODY_SCALE, help="1.0 = adult chest")
     parser.add_argument("--dicom", action="store_true", help="also write each initial scan as a DICOM series")
+    parser.add_argument("--workers", type=int, default=1, help="patients generated at once (processes)")
+    parser.add_argument("--test-fraction", type=float, default=0.2, help="share of patients in the test split")
     args = parser.parse_args()
-    datalist, seconds = timed_generation(args.out, args.n, args.seed, body_scale=args.body_scale, write_dicom=args.dicom)
+    datalist, seconds = timed_generation(args.out, args.n, args.seed, body_scale=args.body_scale, write_dicom=args.dicom,
+                                         workers=args.workers, test_fraction=args.test_fraction)
     print(json.dumps(summarize_cohort(args.out), indent=2, ensure_ascii=False))
     print(f"{seconds:.2f} s per patient; datalist: {datalist}")
 

@@ -34,8 +34,8 @@ def schema_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def raw_case(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One synthetic patient's raw initial CT (NIfTI, HU, its own spacing), as a user would bring it."""
-    from custom.synthetic import generate_cohort
+    from custom.synthetic import SMALL_BODY_SCALE, generate_cohort
 
     cohort = tmp_path_factory.mktemp("cohort")
-    generate_cohort(cohort, n_patients=1, seed=2)
+    generate_cohort(cohort, n_patients=1, seed=2, body_scale=SMALL_BODY_SCALE)
     return cohort / "SYN0000" / "initial.nii.gz"

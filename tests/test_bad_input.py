@@ -27,7 +27,7 @@ from custom.data import DatasetSplit, read_datalist
 from custom.io import CTInputError, OutputDirError, check_output_dir, load_ct
 from custom.preregistration import ResampleToGridd
 from custom.segmentation import segment_lungs
-from custom.synthetic import generate_cohort
+from custom.synthetic import SMALL_BODY_SCALE, generate_cohort
 from custom.text import RecordError, read_lung_function, record_to_text
 
 RECORD = {"FVC": 2300, "Percent": 62.0, "Age": 71, "Sex": "Male", "SmokingStatus": "Ex-smoker"}
@@ -36,7 +36,7 @@ RECORD = {"FVC": 2300, "Percent": 62.0, "Age": 71, "Sex": "Male", "SmokingStatus
 @pytest.fixture(scope="module")
 def patient(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cohort = tmp_path_factory.mktemp("cohort")
-    generate_cohort(cohort, n_patients=1, seed=5, write_dicom=True)
+    generate_cohort(cohort, n_patients=1, seed=5, write_dicom=True, body_scale=SMALL_BODY_SCALE)
     return cohort / "SYN0000"
 
 
@@ -209,7 +209,7 @@ def empty_lung_mask(patient, work):
     data = {"image": MetaTensor(hu[None], affine=torch.as_tensor(affine)),
             "mask": MetaTensor(np.zeros((1, *hu.shape), np.uint8), affine=torch.as_tensor(affine),
                                meta={"filename_or_obj": "lungs.nii.gz"})}
-    return lambda: ResampleToGridd(["image", "mask"], grid=(32, 32, 32))(data)
+    return lambda: ResampleToGridd(["image", "mask"], grid={"size": [32, 32, 32], "spacing_mm": 1.0})(data)
 
 
 def _record_row(**changes):
@@ -352,7 +352,7 @@ BAD_INPUTS = [
     ("record not a mapping", record_not_a_mapping, RecordError, r"P17: .*must be a mapping"),
     ("lung-function CSV without a column", lung_function_csv_missing_column, ValueError, r"missing \['Percent'\]"),
     ("config override of the wrong type", override_wrong_type, TypeError, r"max_epochs='ten' \(str\) does not fit its default 70"),
-    ("config override: number for a list", override_int_for_list, TypeError, r"grid=48 \(int\) does not fit"),
+    ("config override: number for a list", override_int_for_list, TypeError, r"grid=48 \(int\) is not a grid"),
     ("record holding a config expression", record_holding_code, ValueError, r"would run as Python code.*record"),
     ("checkpoint of another network shape", checkpoint_other_network, ValueError, r"model\.pt do not fit this network"),
     ("checkpoint with pickled code", checkpoint_pickled_code, ValueError, r"refusing to load .*model\.pt"),
@@ -395,6 +395,6 @@ def test_failed_preparation_leaves_no_output(patient, tmp_path):
     followup = _nifti(tmp_path, hu)
     out = tmp_path / "prepared" / "P1"
     with pytest.raises(CTInputError, match="no lung"):
-        PairPreparer(preparation_transform(grid=(32, 32, 32)))(patient / "initial.nii.gz", followup, out)
+        PairPreparer(preparation_transform(grid={"size": [32, 32, 32], "spacing_mm": 1.0}))(patient / "initial.nii.gz", followup, out)
     assert not out.exists()
     assert not (tmp_path / "prepared").exists() or not any((tmp_path / "prepared").iterdir())

@@ -21,8 +21,8 @@ from cirresdiff_bundle.cli import main, root_cause
 from cirresdiff_bundle.export import export_bundle
 
 RECORD = {"FVC": 2300, "Percent": 62.0, "Age": 71, "Sex": "Male", "SmokingStatus": "Ex-smoker"}
-SMALL = {"grid": [96, 96, 96]}
-"""The shipped grid: it holds the whole lung region of the synthetic cohort's chests (one mean-prediction pass)."""
+SMALL = {"grid": "small"}
+"""The grid that holds the whole lung region of the tests' small chests (one mean-prediction pass)."""
 
 
 def test_verify_net_in_out_with_timestep_and_text_context(bundle_root):
@@ -104,14 +104,18 @@ def test_predict_followup_api_on_a_file_and_on_an_array(raw_case, tmp_path):
 
 def test_lungs_that_do_not_fit_the_grid_are_refused_or_predicted_as_declared_crop(raw_case, tmp_path):
     whole = predict_followup(raw_case, RECORD, output_dir=tmp_path / "whole", **SMALL)[0]["summary"]
-    # the synthetic scans cut the lung apices: recorded, the lungs inside the scan all predicted
-    assert whole["coverage"]["lungs_inside_grid"] == 1.0 and whole["coverage"]["lungs_cut_by_scan"]
+    assert whole["coverage"]["lungs_inside_grid"] == 1.0 and not whole["coverage"]["lungs_cut_by_scan"]
     assert not whole["coverage"]["cropped"]
+    # a scan that stops below the apices: recorded, the lungs inside the scan all predicted
+    image = nib.load(raw_case)
+    top_cut = np.asarray(image.dataobj)[:, :, : image.shape[2] * 2 // 3]
+    apices = predict_followup(top_cut, RECORD, affine=image.affine, **SMALL)[0]["summary"]["coverage"]
+    assert apices["lungs_cut_by_scan"] and apices["lungs_inside_grid"] == 1.0 and not apices["cropped"]
     with pytest.raises(Exception) as refused:
-        predict_followup(raw_case, RECORD, grid=[48, 48, 48])
+        predict_followup(raw_case, RECORD, grid={"size": [32, 32, 32], "spacing_mm": 1.5})
     message = str(root_cause(refused.value))
-    assert re.search(r"SYN0000: only \d+\.\d % of the lungs fit the 48x48x48 grid.*'grid'", message)
-    cropped = predict_followup(raw_case, RECORD, output_dir=tmp_path / "crop", grid=[48, 48, 48], allow_cropped=True)[0]
+    assert re.search(r"SYN0000: only \d+\.\d % of the lungs fit the 32x32x32 grid of 1.5 mm voxels.*'grid'", message)
+    cropped = predict_followup(raw_case, RECORD, output_dir=tmp_path / "crop", grid={"size": [32, 32, 32], "spacing_mm": 1.5}, allow_cropped=True)[0]
     coverage = cropped["summary"]["coverage"]
     assert coverage["cropped"] and 0.0 < coverage["lungs_inside_grid"] < 0.98
     saved = json.loads((tmp_path / "crop" / "SYN0000" / "prediction.json").read_text(encoding="utf-8"))

@@ -24,14 +24,14 @@ from custom.io import (
     write_nifti,
     write_png,
 )
-from custom.synthetic import generate_cohort
+from custom.synthetic import SMALL_BODY_SCALE, generate_cohort
 
 
 @pytest.fixture(scope="module")
 def patient(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One synthetic patient with its initial scan also written as a DICOM series."""
     cohort = tmp_path_factory.mktemp("cohort")
-    generate_cohort(cohort, n_patients=1, seed=3, write_dicom=True)
+    generate_cohort(cohort, n_patients=1, seed=3, write_dicom=True, body_scale=SMALL_BODY_SCALE)
     return cohort / "SYN0000"
 
 

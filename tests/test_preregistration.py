@@ -15,20 +15,28 @@ from monai.bundle import ConfigParser
 
 from cirresdiff_bundle.cli import main
 from custom.constants import HU_WINDOW
+from custom.grid import GRIDS
 from custom.io import CTInputError, load_ct
 from custom.preregistration import (
-    PairPreparer, RegistrationQCError, normalize_hu, prepare_cohort, resample,
+    PairPreparer,
+    RegistrationQCError,
+    normalize_hu,
+    preparation_transform,
+    prepare_cohort,
+    resample,
 )
-from custom.synthetic import generate_cohort
+from custom.synthetic import SMALL_BODY_SCALE, generate_cohort
 from custom.text import read_lung_function
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+SMALL_CHAIN = preparation_transform(grid="small")
+"""The preparation chain on the grid that holds the tests' small chests."""
 
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("cohort")
-    generate_cohort(folder, n_patients=3, seed=0)
+    generate_cohort(folder, n_patients=3, seed=0, body_scale=SMALL_BODY_SCALE)
     return folder
 
 
@@ -43,7 +51,7 @@ def mismatched(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def prepared(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("pairs") / "SYN0000"
-    PairPreparer()(cohort / "SYN0000" / "initial.nii.gz", cohort / "SYN0000" / "followup.nii.gz", out)
+    PairPreparer(SMALL_CHAIN)(cohort / "SYN0000" / "initial.nii.gz", cohort / "SYN0000" / "followup.nii.gz", out)
     return out
 
 
@@ -51,17 +59,17 @@ def test_pair_outputs(prepared: Path, cohort: Path) -> None:
     assert sorted(p.name for p in prepared.parent.iterdir()) == ["SYN0000"], "no temporary folder may remain"
     image, target, mask = (nib.load(prepared / f"{k}.nii.gz") for k in ("image", "target", "mask"))
     for volume in (image, target, mask):
-        assert volume.shape == (96, 96, 96)
-        np.testing.assert_allclose(np.abs(np.diag(volume.affine)[:3]), 1.0)
+        assert volume.shape == GRIDS["small"].size
+        np.testing.assert_allclose(np.abs(np.diag(volume.affine)[:3]), GRIDS["small"].spacing_mm)
     x, y, m = image.get_fdata(), target.get_fdata(), mask.get_fdata() > 0
     assert 0.0 <= x.min() and x.max() <= 1.0 and np.all(x[~m] == 0) and np.all(y[~m] == 0)
     qc = json.loads((prepared / "qc.json").read_text(encoding="utf-8"))
     assert qc["warnings"] == [] and qc["qc_passed"] and qc["qc_failures"] == []
     assert set(qc["qc"]) == {"left_lung", "right_lung"}
     assert (prepared / "qc.png").read_bytes()[:4] == b"\x89PNG"
-    # The grid lives in the initial scan's frame: the initial HU sampled at the grid's points is the image.
+    # The grid lives in the initial scan's frame: the initial HU sampled (anti-aliased) at the grid's points is the image.
     hu, affine = load_ct(cohort / "SYN0000" / "initial.nii.gz")
-    expected = normalize_hu(resample(hu, affine, image.affine, image.shape, order=1, fill=-1000.0))
+    expected = normalize_hu(resample(hu, affine, image.affine, image.shape, order=1, fill=-1000.0, antialias=True))
     np.testing.assert_allclose(x[m], expected[m], atol=1e-5)
     # Lesions are what the model must see: >= 95 % of them inside the region.
     lesions = resample(np.asarray(nib.load(cohort / "SYN0000" / "initial_lesions.nii.gz").dataobj), affine,
@@ -72,7 +80,7 @@ def test_pair_outputs(prepared: Path, cohort: Path) -> None:
 
 
 def test_same_inputs_identical_files(prepared: Path, cohort: Path, tmp_path: Path) -> None:
-    PairPreparer()(cohort / "SYN0000" / "initial.nii.gz", cohort / "SYN0000" / "followup.nii.gz", tmp_path / "again")
+    PairPreparer(SMALL_CHAIN)(cohort / "SYN0000" / "initial.nii.gz", cohort / "SYN0000" / "followup.nii.gz", tmp_path / "again")
     for name in ("image.nii.gz", "target.nii.gz", "mask.nii.gz"):
         assert (tmp_path / "again" / name).read_bytes() == (prepared / name).read_bytes(), name
 
@@ -80,15 +88,17 @@ def test_same_inputs_identical_files(prepared: Path, cohort: Path, tmp_path: Pat
 def test_inference_preprocessing_from_config(prepared: Path, cohort: Path) -> None:
     parser = ConfigParser()
     parser.read_config(BUNDLE_ROOT / "configs" / "prepare.json")
+    parser["grid"] = "small"
     chain = parser.get_parsed_content("inference_preprocessing")
     d = chain({"image": str(cohort / "SYN0000" / "initial.nii.gz")})
-    np.testing.assert_array_equal(np.asarray(d["image"][0]), nib.load(prepared / "image.nii.gz").get_fdata())
+    np.testing.assert_allclose(np.asarray(d["image"][0]), nib.load(prepared / "image.nii.gz").get_fdata(), atol=1e-6)
 
 
 def test_inference_maps_the_prediction_back_to_the_initial_scan(cohort: Path) -> None:
     """configs/inference.json's pre- and post-processing: the model grid and back, in HU, on the initial scan's grid."""
     parser = ConfigParser()
     parser.read_config(BUNDLE_ROOT / "configs" / "inference.json")
+    parser["grid"] = "small"
     initial = cohort / "SYN0000" / "initial.nii.gz"
     d = parser.get_parsed_content("preprocessing")({"image": str(initial), "patient": "SYN0000"})
     d["pred"] = d["image"].clone()  # a model that predicts no change
@@ -122,7 +132,7 @@ def test_minmax_normalisation_ignores_padding() -> None:
 def test_bad_input_leaves_nothing(cohort: Path, tmp_path: Path) -> None:
     out = tmp_path / "prepared" / "case"
     with pytest.raises(CTInputError, match="missing.nii.gz: no such file"):
-        PairPreparer()(cohort / "missing.nii.gz", cohort / "SYN0000" / "followup.nii.gz", out)
+        PairPreparer(SMALL_CHAIN)(cohort / "missing.nii.gz", cohort / "SYN0000" / "followup.nii.gz", out)
     assert not out.exists() and not any((tmp_path / "prepared").glob(".case*"))
 
 
@@ -134,11 +144,11 @@ def test_mismatched_patients_fail_the_qc(cohort: Path, mismatched: Path, tmp_pat
     """
     initial = cohort / "SYN0000" / "initial.nii.gz"
     with pytest.raises(RegistrationQCError, match="different patients") as info:
-        PairPreparer()(initial, mismatched, tmp_path / "mixed")
+        PairPreparer(SMALL_CHAIN)(initial, mismatched, tmp_path / "mixed")
     assert "qc.png" in str(info.value)
     qc = json.loads((tmp_path / "mixed" / "qc.json").read_text(encoding="utf-8"))
     assert not qc["qc_passed"] and any("different patients" in f for f in qc["qc_failures"])
-    kept = PairPreparer(keep_failed_qc=True)(initial, mismatched, tmp_path / "kept")
+    kept = PairPreparer(SMALL_CHAIN, keep_failed_qc=True)(initial, mismatched, tmp_path / "kept")
     assert kept["qc_failures"] == qc["qc_failures"] and not kept["qc_passed"]
 
 
@@ -175,16 +185,16 @@ def test_cohort_gate_leaves_failed_pairs_out(cohort: Path, mismatched: Path, tmp
         datalist = json.loads((folder / "datalist.json").read_text(encoding="utf-8"))
         return sorted(e["patient"] for e in datalist["training"])
 
-    summary = prepare_cohort(mixed, tmp_path / "prepared", progress=False)
+    summary = prepare_cohort(mixed, tmp_path / "prepared", PairPreparer(SMALL_CHAIN), progress=False)
     assert summary["prepared"] == ["SYN0000"] and list(summary["failed"]) == ["SYN0001"]
     assert "registration QC failed" in summary["failed"]["SYN0001"] and listed(tmp_path / "prepared") == ["SYN0000"]
     failures = json.loads((tmp_path / "prepared" / "failures.json").read_text(encoding="utf-8"))
     assert "different patients" in failures["SYN0001"]
     # The failed pair's folder stays for inspection; a resumed run judges it again and leaves it out again.
     assert json.loads((tmp_path / "prepared" / "SYN0001" / "qc.json").read_text(encoding="utf-8"))["qc_passed"] is False
-    again = prepare_cohort(mixed, tmp_path / "prepared", progress=False)
+    again = prepare_cohort(mixed, tmp_path / "prepared", PairPreparer(SMALL_CHAIN), progress=False)
     assert list(again["failed"]) == ["SYN0001"] and listed(tmp_path / "prepared") == ["SYN0000"]
-    kept = prepare_cohort(mixed, tmp_path / "prepared", PairPreparer(keep_failed_qc=True), progress=False)
+    kept = prepare_cohort(mixed, tmp_path / "prepared", PairPreparer(SMALL_CHAIN, keep_failed_qc=True), progress=False)
     assert kept["failed"] == {} and listed(tmp_path / "prepared") == ["SYN0000", "SYN0001"]
     assert any("different patients" in w for w in kept["warnings"]["SYN0001"])
 
@@ -200,7 +210,7 @@ def test_cohort_batch(cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
         (broken / "SYN0002" / f.name).symlink_to(f)
     (broken / "SYN0002" / "followup.nii.gz").unlink()
     (broken / "SYN0002" / "followup.nii.gz").write_bytes((cohort / "SYN0002" / "followup.nii.gz").read_bytes()[:3000])
-    preparer = PairPreparer()
+    preparer = PairPreparer(SMALL_CHAIN)
     summary = prepare_cohort(broken, tmp_path / "prepared", preparer, progress=False)
     assert sorted(summary["prepared"]) == ["SYN0000", "SYN0001"]
     assert list(summary["failed"]) == ["SYN0002"] and "followup.nii.gz" in summary["failed"]["SYN0002"]
@@ -258,12 +268,12 @@ def test_cli_pair_failing_the_qc_exits_3(cohort: Path, mismatched: Path, tmp_pat
 
 def test_config_runs_from_any_folder(tmp_path: Path) -> None:
     cohort = tmp_path / "cohort"
-    generate_cohort(cohort, n_patients=1, seed=5)
+    generate_cohort(cohort, n_patients=1, seed=5, body_scale=SMALL_BODY_SCALE)
     env = {**os.environ, "PYTHONPATH": ""}
     result = subprocess.run(
         [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(BUNDLE_ROOT / "configs" / "prepare.json"),
          "--bundle_root", str(BUNDLE_ROOT), "--cohort_dir", str(cohort), "--prepared_dir", str(tmp_path / "prepared"),
-         "--grid", "[64, 64, 64]"],
+         "--grid", '{"size": [64, 64, 64], "spacing_mm": 1.5}'],
         cwd=tmp_path, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     datalist = json.loads((tmp_path / "prepared" / "datalist.json").read_text(encoding="utf-8"))

@@ -15,11 +15,21 @@ import custom.registration
 from custom.constants import LEFT_LUNG, LUNG_LABELS, RIGHT_LUNG
 from custom.io import load_ct
 from custom.registration import (
-    RegistrationError, ants_seed, dice, merge_lungs, read_affine_ras, register_lung, register_pair, to_ants,
-    voxel_mapping, warp, warped_dice, write_affine_ras,
+    RegistrationError,
+    ants_seed,
+    dice,
+    merge_lungs,
+    read_affine_ras,
+    register_lung,
+    register_pair,
+    to_ants,
+    voxel_mapping,
+    warp,
+    warped_dice,
+    write_affine_ras,
 )
 from custom.segmentation import segment_lungs
-from custom.synthetic import ChestPhantom, generate_cohort, voxel_grid
+from custom.synthetic import SMALL_BODY_SCALE, ChestPhantom, generate_cohort, voxel_grid
 
 MOTION_DEGREES = 8.0
 """Rotation of the large-motion pair about the body axis, through the centre of the volume (not of a lung)."""
@@ -29,7 +39,7 @@ MOTION_DEGREES = 8.0
 def pair(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A synthetic pair with its ground-truth lung labels and per-lung transforms."""
     cohort = tmp_path_factory.mktemp("cohort")
-    generate_cohort(cohort, n_patients=1, seed=0)
+    generate_cohort(cohort, n_patients=1, seed=0, body_scale=SMALL_BODY_SCALE)
     folder = cohort / "SYN0000"
     initial, affine_i = load_ct(folder / "initial.nii.gz")
     followup, affine_f = load_ct(folder / "followup.nii.gz")

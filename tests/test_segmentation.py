@@ -15,7 +15,7 @@ from custom import segmentation
 from custom.constants import LEFT_LUNG, LESION_LABELS, RIGHT_LUNG
 from custom.io import CTInputError, check_ct, load_ct
 from custom.segmentation import dilate_mm, segment_lungs, voxel_spacing
-from custom.synthetic import generate_cohort
+from custom.synthetic import SMALL_BODY_SCALE, generate_cohort
 
 MARGIN_MM = 10.0
 
@@ -23,7 +23,7 @@ MARGIN_MM = 10.0
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("cohort")
-    generate_cohort(folder, n_patients=3, seed=0)
+    generate_cohort(folder, n_patients=3, seed=0, body_scale=SMALL_BODY_SCALE)
     return folder
 
 

@@ -12,7 +12,17 @@ import pytest
 from scipy import ndimage
 
 from custom.constants import LEFT_LUNG, LESION_LABELS, RIGHT_LUNG
-from custom.synthetic import generate_cohort, patient_rng, sample_patient
+from custom.synthetic import (
+    SMALL_BODY_SCALE,
+    ChestPhantom,
+    DetailGrid,
+    generate_cohort,
+    lung_volume_ml,
+    patient_grid,
+    patient_rng,
+    sample_patient,
+    voxel_grid,
+)
 
 N = 8
 
@@ -20,7 +30,7 @@ N = 8
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     out = tmp_path_factory.mktemp("cohort")
-    generate_cohort(out, n_patients=N, seed=3)
+    generate_cohort(out, n_patients=N, seed=3, body_scale=SMALL_BODY_SCALE)
     return out
 
 
@@ -102,11 +112,11 @@ def _hashes(folder):
 
 
 def test_same_seed_identical_bytes_other_seed_differs(tmp_path):
-    generate_cohort(tmp_path / "a", n_patients=2, seed=7)
-    generate_cohort(tmp_path / "b", n_patients=2, seed=7)
-    generate_cohort(tmp_path / "c", n_patients=2, seed=8)
+    generate_cohort(tmp_path / "a", n_patients=2, seed=7, body_scale=SMALL_BODY_SCALE)
+    generate_cohort(tmp_path / "b", n_patients=2, seed=7, body_scale=SMALL_BODY_SCALE, workers=2)
+    generate_cohort(tmp_path / "c", n_patients=2, seed=8, body_scale=SMALL_BODY_SCALE)
     a, b, c = _hashes(tmp_path / "a"), _hashes(tmp_path / "b"), _hashes(tmp_path / "c")
-    assert a == b and len(a) >= 15
+    assert a == b and len(a) >= 15, "the same seed gives the same bytes, in one process or two"
     assert a["SYN0000/initial.nii.gz"] != c["SYN0000/initial.nii.gz"]
 
 
@@ -136,7 +146,7 @@ def test_progression_depends_on_baseline_values():
 def test_dicom_series_matches_the_nifti(tmp_path):
     import SimpleITK as sitk
 
-    generate_cohort(tmp_path, n_patients=1, seed=5, write_dicom=True)
+    generate_cohort(tmp_path, n_patients=1, seed=5, write_dicom=True, body_scale=SMALL_BODY_SCALE)
     folder = tmp_path / "SYN0000" / "initial_dicom"
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
@@ -148,3 +158,41 @@ def test_dicom_series_matches_the_nifti(tmp_path):
     assert np.allclose(image.GetSpacing(), np.linalg.norm(affine[:3, :3], axis=0), atol=1e-3)
     origin_ras = np.array(image.GetOrigin()) * [-1, -1, 1]
     assert np.allclose(origin_ras, affine[:3, 3], atol=1e-3)
+
+
+def test_lung_volume_follows_fvc(cohort):
+    """Lung volume on CT tracks FVC (as in ILD): the rendered lungs have the volume the FVC asks for."""
+    stats = json.loads((cohort / "image_stats.json").read_text(encoding="utf-8"))
+    fvc = np.array([float(r["FVC"]) for r in _rows(cohort)])
+    rendered = np.array([stats[r["Patient"]]["lung_ml"] for r in _rows(cohort)]) / SMALL_BODY_SCALE**3
+    wanted = np.array([sample_patient(r["Patient"], patient_rng(3, i)).lung_ml for i, r in enumerate(_rows(cohort))])
+    np.testing.assert_allclose(rendered, wanted, rtol=0.12)
+    assert np.corrcoef(fvc, rendered)[0, 1] > 0.8
+    np.testing.assert_allclose(wanted, [lung_volume_ml(v) for v in fvc], rtol=0.25)
+
+
+def test_adult_scans_have_real_ct_geometry():
+    """body_scale 1: a 512 x 512 matrix of 0.6-0.9 mm pixels, 1-2.5 mm slices, both lungs inside the scan."""
+    for index in range(4):
+        rng = patient_rng(0, index)
+        patient = sample_patient("P", rng)
+        phantom = ChestPhantom(rng, 1.0, patient.lung_ml)
+        shape, affine = patient_grid(phantom, rng)
+        spacing = np.diag(affine)[:3]
+        assert shape[:2] == (512, 512) and 0.6 <= spacing[0] <= 0.9 and 1.0 <= spacing[2] <= 2.5
+        top = phantom.lung_centres[:, 2] + phantom.lung_axes[:, 2]
+        bottom = phantom.lung_centres[:, 2] - 0.75 * phantom.lung_axes[:, 2]
+        assert affine[2, 3] < bottom.min() and affine[2, 3] + (shape[2] - 1) * spacing[2] > top.max()
+
+
+def test_detail_grid_resamples_linearly_and_labels_by_nearest_voxel():
+    affine = np.diag([0.5, 0.5, 2.0, 1.0])
+    affine[:3, 3] = [-10.0, -5.0, 3.0]
+    detail = DetailGrid((40, 20, 6), affine, 1.5)
+    assert np.allclose(np.diag(detail.affine)[:3], [1.5, 1.5, 2.0])
+    x, y, z = np.moveaxis(voxel_grid(detail.shape, detail.affine), -1, 0)
+    ramp = detail.to_scan((2.0 * x - y + 0.5 * z).astype(np.float32), linear=True)
+    sx, sy, sz = np.moveaxis(voxel_grid((40, 20, 6), affine), -1, 0)
+    np.testing.assert_allclose(ramp, 2.0 * sx - sy + 0.5 * sz, atol=1e-4)  # linear interpolation is exact on a ramp
+    labels = detail.to_scan((x > 0).astype(np.uint8), linear=False)
+    assert set(np.unique(labels)) == {0, 1} and np.all(labels[sx < -1.0] == 0) and np.all(labels[sx > 1.0] == 1)
