@@ -1,6 +1,7 @@
 """The ``cirresdiff`` command line: one verb per workflow, each running the bundle's configs.
 
-    cirresdiff prepare --initial PATH --followup PATH --out DIR [--segmenter threshold|totalsegmentator] [--keep_failed_qc]
+    cirresdiff prepare --initial PATH --followup PATH --out DIR [--segmenter threshold|totalsegmentator]
+        [--keep_failed_qc]
     cirresdiff prepare --cohort DIR --out DIR [--keep_failed_qc]
     cirresdiff pretrain [--dataset DIR]
     cirresdiff train [--dataset DIR] [--ablation DM|DM-CIP|DM-R|DM-R-CIP]

@@ -36,7 +36,7 @@ def read_datalist(datalist: str | os.PathLike) -> dict[str, list[dict]]:
     for section in ("training", "testing"):
         if not isinstance(content.get(section), list):
             raise ValueError(f"datalist {path} has no '{section}' list")
-    for section, entries in content.items():
+    for entries in content.values():
         if not isinstance(entries, list):
             continue
         for entry in entries:
@@ -80,7 +80,8 @@ class DatasetSplit:
         val_fold: cross-validation fold held out for validation (0-4); ``None`` trains on all folds.
         cohort_dir: where to generate the synthetic cohort if the datalist does not exist yet.
         num_patients: size of the synthetic cohort generated on first use.
-        grid: the model grid (``custom.grid`` preset or its full form) used when preparing the synthetic cohort on first use.
+        grid: the model grid (``custom.grid`` preset or its full form) used when preparing the synthetic cohort on
+            first use.
     """
 
     def __init__(

@@ -86,7 +86,8 @@ def as_grid(grid: Grid | str | Mapping) -> Grid:
         return grid
     if isinstance(grid, str):
         if grid not in GRIDS:
-            raise ValueError(f"unknown grid {grid!r}: use one of {sorted(GRIDS)} or {{'size': [x, y, z], 'spacing_mm': s}}")
+            raise ValueError(f"unknown grid {grid!r}: use one of {sorted(GRIDS)} "
+                             "or {'size': [x, y, z], 'spacing_mm': s}")
         return GRIDS[grid]
     if isinstance(grid, Mapping) and set(grid) == {"size", "spacing_mm"}:
         return Grid(tuple(grid["size"]), grid["spacing_mm"])

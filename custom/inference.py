@@ -71,7 +71,9 @@ def input_cases(
     return cases
 
 
-def lungs_inside_grid(lungs: np.ndarray, lungs_affine: np.ndarray, grid_shape: Sequence[int], grid_affine: np.ndarray) -> float:
+def lungs_inside_grid(
+    lungs: np.ndarray, lungs_affine: np.ndarray, grid_shape: Sequence[int], grid_affine: np.ndarray
+) -> float:
     """Share of the lung voxels whose centres fall inside a grid (by physical position).
 
     Args:
@@ -119,20 +121,25 @@ class GridCoverageCheckd(MapTransform):
         for key in self.key_iterator(d):
             region = d[key]
             case = d.get("patient", region.meta.get("filename_or_obj", "the case"))
-            inside = lungs_inside_grid(lungs, np.asarray(lungs_image.affine), region.shape[1:], np.asarray(region.affine))
+            inside = lungs_inside_grid(lungs, np.asarray(lungs_image.affine), region.shape[1:],
+                                       np.asarray(region.affine))
             cut = bool(lungs[[0, -1]].any() or lungs[:, [0, -1]].any() or lungs[:, :, [0, -1]].any())
-            note = {"lungs_inside_grid": round(inside, 4), "region_inside_grid": round(float(region.meta["region_inside_grid"]), 4),
+            note = {"lungs_inside_grid": round(inside, 4),
+                    "region_inside_grid": round(float(region.meta["region_inside_grid"]), 4),
                     "lungs_cut_by_scan": cut, "cropped": inside < self.min_inside}
             if inside < self.min_inside:
                 grid = "x".join(str(n) for n in region.shape[1:])
                 spacing = float(np.linalg.norm(np.asarray(region.affine)[:3, 0]))
-                message = (f"{case}: only {100 * inside:.1f} % of the lungs fit the {grid} grid of {spacing:g} mm voxels "
-                           f"(at least {100 * self.min_inside:.0f} % needed): set a larger 'grid' (custom/grid.py)")
+                message = (f"{case}: only {100 * inside:.1f} % of the lungs fit the {grid} grid of {spacing:g} mm "
+                           f"voxels (at least {100 * self.min_inside:.0f} % needed): set a larger 'grid' "
+                           "(custom/grid.py)")
                 if not self.allow_cropped:
-                    raise ValueError(message + ", or 'allow_cropped' to predict the part that fits (the outputs then say so).")
+                    raise ValueError(message + ", or 'allow_cropped' to predict the part that fits "
+                                     "(the outputs then say so).")
                 logger.warning(message + "; predicting the part that fits ('allow_cropped').")
             if cut:
-                logger.warning(f"{case}: the lungs touch the border of the scan; what lies outside its field of view is not predicted")
+                logger.warning(f"{case}: the lungs touch the border of the scan; what lies outside its field of view "
+                               "is not predicted")
             d["coverage"] = note
         return d
 
@@ -153,8 +160,8 @@ class FollowupOutputsd(MapTransform):
         window: HU window of the normalisation.
     """
 
-    def __init__(self, keys: Sequence[Hashable] | Hashable = "pred", source_key: str = "image_hu", mask_key: str = "mask",
-                 window: Sequence[float] = HU_WINDOW) -> None:
+    def __init__(self, keys: Sequence[Hashable] | Hashable = "pred", source_key: str = "image_hu",
+                 mask_key: str = "mask", window: Sequence[float] = HU_WINDOW) -> None:
         super().__init__(keys)
         self.source_key, self.mask_key, self.window = source_key, mask_key, tuple(window)
 
@@ -165,7 +172,8 @@ class FollowupOutputsd(MapTransform):
         source_affine, shape = np.asarray(source.affine), tuple(source.shape[1:])
         initial = np.asarray(source[0], dtype=np.float32)
         grid_affine = np.asarray(d[self.mask_key].affine)
-        region = resample(np.asarray(d[self.mask_key][0], dtype=np.float32), grid_affine, source_affine, shape, 1, 0.0) > 0.5
+        mask = np.asarray(d[self.mask_key][0], dtype=np.float32)
+        region = resample(mask, grid_affine, source_affine, shape, 1, 0.0) > 0.5
         pred = torch.as_tensor(d[key]).detach().cpu().float().numpy()
         generated = denormalize(resample(pred[0], grid_affine, source_affine, shape, 1, 0.0), self.window)
         followup = np.where(region, generated, initial).astype(np.float32)
@@ -176,7 +184,8 @@ class FollowupOutputsd(MapTransform):
         if pred.shape[0] > 1:
             width = self.window[1] - self.window[0]
             std = resample(pred[1], grid_affine, source_affine, shape, 1, 0.0) * width
-            d["uncertainty"] = MetaTensor(np.where(region, std, 0.0)[None].astype(np.float32), affine=source_affine, meta=meta)
+            d["uncertainty"] = MetaTensor(np.where(region, std, 0.0)[None].astype(np.float32), affine=source_affine,
+                                          meta=meta)
             d["uncertainty_grid"] = MetaTensor(pred[1:2], affine=grid_affine)
         return d
 
@@ -203,7 +212,8 @@ class ProgressionProbabilityd(MapTransform):
         if self.classifier is None:
             return d
         device = next(self.classifier.parameters()).device
-        pair = pair_input(torch.as_tensor(d[self.image_key]).cpu(), torch.as_tensor(d[self.pred_key]).cpu(), self.input_size)
+        pair = pair_input(torch.as_tensor(d[self.image_key]).cpu(), torch.as_tensor(d[self.pred_key]).cpu(),
+                          self.input_size)
         self.classifier.eval()
         d["progression_probability"] = float(torch.softmax(self.classifier(pair[None].to(device)).float(), dim=1)[0, 1])
         return d
@@ -229,7 +239,8 @@ def _plain_coverage(coverage: Mapping | None) -> dict | None:
     """``GridCoverageCheckd``'s note as plain JSON values (the data loader batches them)."""
     if coverage is None:
         return None
-    return {key: (float if key.endswith("_grid") else bool)(np.asarray(value).reshape(-1)[0]) for key, value in coverage.items()}
+    return {key: (float if key.endswith("_grid") else bool)(np.asarray(value).reshape(-1)[0])
+            for key, value in coverage.items()}
 
 
 def _title_note(coverage: Mapping | None) -> str:
@@ -271,10 +282,12 @@ class InferenceWriter:
         pid = str(d.get("patient", "case"))
         folder = self.output_dir / pid
         files = {}
-        for key, name in (("change", "change.nii.gz"), ("uncertainty", "uncertainty.nii.gz"), ("pred", "followup.nii.gz")):
+        for key, name in (("change", "change.nii.gz"), ("uncertainty", "uncertainty.nii.gz"),
+                          ("pred", "followup.nii.gz")):
             if key in d:
                 image = d[key]
-                files[key] = str(write_nifti(folder / name, np.asarray(image[0], dtype=np.float32), np.asarray(image.affine)))
+                files[key] = str(write_nifti(folder / name, np.asarray(image[0], dtype=np.float32),
+                                             np.asarray(image.affine)))
         uncertainty = np.asarray(d["uncertainty_grid"][0]) if "uncertainty_grid" in d else None
         coverage = _plain_coverage(d.get("coverage"))
         figure = save_comparison_figure(
@@ -282,8 +295,9 @@ class InferenceWriter:
             mask=np.asarray(d["mask"][0]), title=_title_note(coverage) + f"{pid}: {d.get('text', '')}",
         )
         summary = {"patient": pid, "text": d.get("text"), "progression_probability": d.get("progression_probability"),
-                   "prediction": {"mean": "mean prediction", "sample": f"mean of {self.num_samples} posterior samples"}.get(
-                       self.prediction, self.prediction),
+                   "prediction": {
+                       "mean": "mean prediction", "sample": f"mean of {self.num_samples} posterior samples"
+                   }.get(self.prediction, self.prediction),
                    "uncertainty_samples": self.num_samples if "uncertainty" in d else 0,
                    "coverage": coverage,
                    "files": {**files, "figure": str(figure)}}

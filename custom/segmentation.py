@@ -282,11 +282,14 @@ def check_totalsegmentator(fast: bool = True) -> None:
         import totalsegmentator  # noqa: F401
     except ImportError as e:
         raise RuntimeError(TOTALSEG_INSTALL) from e
-    tasks = ("Dataset297", "Dataset298") if fast else ("Dataset291", "Dataset292", "Dataset293", "Dataset294", "Dataset295")
+    tasks = (("Dataset297", "Dataset298") if fast
+             else ("Dataset291", "Dataset292", "Dataset293", "Dataset294", "Dataset295"))
     root = totalsegmentator_weights_dir()
-    found = {t for t in tasks if root.is_dir() and any(p.name.startswith(t) and any(p.rglob("*.pth")) for p in root.iterdir())}
+    found = {t for t in tasks
+             if root.is_dir() and any(p.name.startswith(t) and any(p.rglob("*.pth")) for p in root.iterdir())}
     if found != set(tasks):
-        raise RuntimeError(f"TotalSegmentator weights missing in {root} (need {', '.join(sorted(set(tasks) - found))}).\n{TOTALSEG_INSTALL}")
+        raise RuntimeError(f"TotalSegmentator weights missing in {root} "
+                           f"(need {', '.join(sorted(set(tasks) - found))}).\n{TOTALSEG_INSTALL}")
 
 
 def disable_usage_stats() -> Path:
@@ -296,7 +299,8 @@ def disable_usage_stats() -> Path:
     """
     home = Path(os.environ.get("TOTALSEG_HOME_DIR", Path.home() / ".totalsegmentator"))
     path = home / "config.json"
-    config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"totalseg_id": "cirresdiff", "prediction_counter": 0}
+    config = (json.loads(path.read_text(encoding="utf-8")) if path.is_file()
+              else {"totalseg_id": "cirresdiff", "prediction_counter": 0})
     if config.get("send_usage_stats") is not False:
         config["send_usage_stats"] = False
         write_json(path, config)

@@ -119,7 +119,8 @@ def main() -> None:
     for index in range(args.patients):
         rows.append(time_patient(index, args.seed, args.work, sample=index == 0 and not args.no_sample))
         print(json.dumps(rows[-1]), flush=True)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+               f"{torch.get_num_threads()} torch threads")
     section = report(rows, machine, args.load_note)
     (args.work / "results.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
     write_section(args.output, section)

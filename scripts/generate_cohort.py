@@ -25,8 +25,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="patients generated at once (processes)")
     parser.add_argument("--test-fraction", type=float, default=0.2, help="share of patients in the test split")
     args = parser.parse_args()
-    datalist, seconds = timed_generation(args.out, args.n, args.seed, body_scale=args.body_scale, write_dicom=args.dicom,
-                                         workers=args.workers, test_fraction=args.test_fraction)
+    datalist, seconds = timed_generation(args.out, args.n, args.seed, body_scale=args.body_scale,
+                                         write_dicom=args.dicom, workers=args.workers,
+                                         test_fraction=args.test_fraction)
     print(json.dumps(summarize_cohort(args.out), indent=2, ensure_ascii=False))
     print(f"{seconds:.2f} s per patient; datalist: {datalist}")
 

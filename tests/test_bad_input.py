@@ -332,12 +332,14 @@ BAD_INPUTS = [
     ("degenerate affine", degenerate_affine, CTInputError, r"scan\.nii\.gz: the image geometry \(affine\) is invalid"),
     ("folder without DICOM", dicom_folder_without_dicom, CTInputError, r"no readable DICOM series"),
     ("DICOM slice truncated", dicom_truncated_slice, CTInputError, r"series: 1 file\(s\) are not readable slices"),
-    ("DICOM slice missing", dicom_missing_slice, CTInputError, r"series: slice spacing is not uniform.*a slice is missing"),
+    ("DICOM slice missing", dicom_missing_slice, CTInputError,
+     r"series: slice spacing is not uniform.*a slice is missing"),
     ("DICOM slice duplicated", dicom_duplicate_slice, CTInputError, r"series: duplicate slices"),
     ("two DICOM series mixed", dicom_mixed_series, CTInputError, r"series: 2 DICOM series are mixed"),
     ("DICOM gantry tilt", dicom_gantry_tilt, CTInputError, r"series: .*gantry tilt of about 15\.0 degrees"),
     ("DICOM inconsistent spacing", dicom_inconsistent_spacing, CTInputError, r"series: slice spacing is not uniform"),
-    ("DICOM slice of another orientation", dicom_mixed_orientation, CTInputError, r"series: slices have different orientations"),
+    ("DICOM slice of another orientation", dicom_mixed_orientation, CTInputError,
+     r"series: slices have different orientations"),
     ("DICOM single slice", dicom_single_slice, CTInputError, r"series: a single-slice series"),
     ("no lungs in view", no_lungs_in_view, CTInputError, r"no lung found"),
     ("empty lung mask", empty_lung_mask, CTInputError, r"lungs\.nii\.gz: the lung region is empty"),
@@ -347,19 +349,23 @@ BAD_INPUTS = [
     ("record: non-numeric FVC", _record_row(FVC="2,300 ml"), RecordError, r"P17: field FVC must be a number"),
     ("record: NaN FVC", _record_row(FVC=float("nan")), RecordError, r"P17: field FVC is nan"),
     ("record: unknown sex", _record_row(Sex="X"), RecordError, r"P17: field Sex = 'X' is not one of"),
-    ("record: unknown smoking status", _record_row(SmokingStatus="sometimes"), RecordError, r"P17: field SmokingStatus"),
+    ("record: unknown smoking status", _record_row(SmokingStatus="sometimes"), RecordError,
+     r"P17: field SmokingStatus"),
     ("record: unknown field", _record_row(FEV1=2.1), RecordError, r"P17: unknown lung-function field\(s\) \['FEV1'\]"),
     ("record not a mapping", record_not_a_mapping, RecordError, r"P17: .*must be a mapping"),
     ("lung-function CSV without a column", lung_function_csv_missing_column, ValueError, r"missing \['Percent'\]"),
-    ("config override of the wrong type", override_wrong_type, TypeError, r"max_epochs='ten' \(str\) does not fit its default 70"),
+    ("config override of the wrong type", override_wrong_type, TypeError,
+     r"max_epochs='ten' \(str\) does not fit its default 70"),
     ("config override: number for a list", override_int_for_list, TypeError, r"grid=48 \(int\) is not a grid"),
     ("record holding a config expression", record_holding_code, ValueError, r"would run as Python code.*record"),
     ("checkpoint of another network shape", checkpoint_other_network, ValueError, r"model\.pt do not fit this network"),
     ("checkpoint with pickled code", checkpoint_pickled_code, ValueError, r"refusing to load .*model\.pt"),
     ("checkpoint truncated", checkpoint_truncated, ValueError, r"refusing to load .*model\.pt"),
     ("checkpoint missing", checkpoint_missing, FileNotFoundError, r"checkpoint not found: .*model\.pt"),
-    ("text encoder folder missing", text_encoder_missing, FileNotFoundError, r"text encoder not found at .*text_encoder.*pretrain_clip\.json"),
-    ("datalist naming missing files", datalist_missing_files, FileNotFoundError, r"names files that do not exist: .*P1"),
+    ("text encoder folder missing", text_encoder_missing, FileNotFoundError,
+     r"text encoder not found at .*text_encoder.*pretrain_clip\.json"),
+    ("datalist naming missing files", datalist_missing_files, FileNotFoundError,
+     r"names files that do not exist: .*P1"),
     ("datalist not JSON", datalist_invalid_json, ValueError, r"datalist\.json is not valid JSON"),
     ("datalist without a test split", datalist_without_test_split, ValueError, r"has no 'testing' list"),
     ("test patient in the training set", datalist_test_patient_in_training, ValueError, r"test patients \['P1'\]"),
@@ -395,6 +401,7 @@ def test_failed_preparation_leaves_no_output(patient, tmp_path):
     followup = _nifti(tmp_path, hu)
     out = tmp_path / "prepared" / "P1"
     with pytest.raises(CTInputError, match="no lung"):
-        PairPreparer(preparation_transform(grid={"size": [32, 32, 32], "spacing_mm": 1.0}))(patient / "initial.nii.gz", followup, out)
+        preparer = PairPreparer(preparation_transform(grid={"size": [32, 32, 32], "spacing_mm": 1.0}))
+        preparer(patient / "initial.nii.gz", followup, out)
     assert not out.exists()
     assert not (tmp_path / "prepared").exists() or not any((tmp_path / "prepared").iterdir())

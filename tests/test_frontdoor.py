@@ -115,7 +115,8 @@ def test_lungs_that_do_not_fit_the_grid_are_refused_or_predicted_as_declared_cro
         predict_followup(raw_case, RECORD, grid={"size": [32, 32, 32], "spacing_mm": 1.5})
     message = str(root_cause(refused.value))
     assert re.search(r"SYN0000: only \d+\.\d % of the lungs fit the 32x32x32 grid of 1.5 mm voxels.*'grid'", message)
-    cropped = predict_followup(raw_case, RECORD, output_dir=tmp_path / "crop", grid={"size": [32, 32, 32], "spacing_mm": 1.5}, allow_cropped=True)[0]
+    cropped = predict_followup(raw_case, RECORD, output_dir=tmp_path / "crop",
+                               grid={"size": [32, 32, 32], "spacing_mm": 1.5}, allow_cropped=True)[0]
     coverage = cropped["summary"]["coverage"]
     assert coverage["cropped"] and 0.0 < coverage["lungs_inside_grid"] < 0.98
     saved = json.loads((tmp_path / "crop" / "SYN0000" / "prediction.json").read_text(encoding="utf-8"))

@@ -17,7 +17,8 @@ def test_presets_and_full_form_name_the_same_grids():
     assert as_grid("adult") is GRIDS["adult"]
     assert as_grid({"size": [176, 128, 160], "spacing_mm": 2}) == GRIDS["adult"]
     assert as_grid(GRIDS["paper"]) == Grid((512, 512, 256), 1.0)
-    for bad, error in (("huge", ValueError), (48, TypeError), ([96, 96, 96], TypeError), ({"size": [96, 96]}, TypeError)):
+    for bad, error in (("huge", ValueError), (48, TypeError), ([96, 96, 96], TypeError),
+                       ({"size": [96, 96]}, TypeError)):
         with pytest.raises(error):
             as_grid(bad)
     with pytest.raises(ValueError, match="positive spacing"):

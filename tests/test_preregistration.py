@@ -67,7 +67,8 @@ def test_pair_outputs(prepared: Path, cohort: Path) -> None:
     assert qc["warnings"] == [] and qc["qc_passed"] and qc["qc_failures"] == []
     assert set(qc["qc"]) == {"left_lung", "right_lung"}
     assert (prepared / "qc.png").read_bytes()[:4] == b"\x89PNG"
-    # The grid lives in the initial scan's frame: the initial HU sampled (anti-aliased) at the grid's points is the image.
+    # The grid lives in the initial scan's frame: the initial HU sampled (anti-aliased) at the grid's points is the
+    # image.
     hu, affine = load_ct(cohort / "SYN0000" / "initial.nii.gz")
     expected = normalize_hu(resample(hu, affine, image.affine, image.shape, order=1, fill=-1000.0, antialias=True))
     np.testing.assert_allclose(x[m], expected[m], atol=1e-5)
@@ -80,7 +81,8 @@ def test_pair_outputs(prepared: Path, cohort: Path) -> None:
 
 
 def test_same_inputs_identical_files(prepared: Path, cohort: Path, tmp_path: Path) -> None:
-    PairPreparer(SMALL_CHAIN)(cohort / "SYN0000" / "initial.nii.gz", cohort / "SYN0000" / "followup.nii.gz", tmp_path / "again")
+    PairPreparer(SMALL_CHAIN)(cohort / "SYN0000" / "initial.nii.gz", cohort / "SYN0000" / "followup.nii.gz",
+                              tmp_path / "again")
     for name in ("image.nii.gz", "target.nii.gz", "mask.nii.gz"):
         assert (tmp_path / "again" / name).read_bytes() == (prepared / name).read_bytes(), name
 
@@ -168,7 +170,8 @@ def test_qc_failures_read_the_recorded_metrics() -> None:
 
 
 def test_cohort_gate_leaves_failed_pairs_out(cohort: Path, mismatched: Path, tmp_path: Path) -> None:
-    """A pair failing the QC is not in the datalist, is in failures.json with the reason, also on resume; kept on request."""
+    """A pair failing the QC is not in the datalist, is in failures.json with the reason, also on resume; kept on
+    request."""
     mixed = tmp_path / "cohort"
     mixed.mkdir()
     (mixed / "lung_function.csv").symlink_to(cohort / "lung_function.csv")
@@ -234,9 +237,11 @@ def test_cohort_batch(cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_osic_table_with_several_visits(tmp_path: Path) -> None:
     (tmp_path / "train.csv").write_text(
         "Patient,Weeks,FVC,Percent,Age,Sex,SmokingStatus\n"
-        "ID1,10,2000,60.5,70,Male,Ex-smoker\nID1,-3,2100,63.0,70,Male,Ex-smoker\nID1,50,1800,54.1,70,Male,Ex-smoker\n", encoding="utf-8")
+        "ID1,10,2000,60.5,70,Male,Ex-smoker\nID1,-3,2100,63.0,70,Male,Ex-smoker\nID1,50,1800,54.1,70,Male,Ex-smoker\n",
+        encoding="utf-8")
     table = read_lung_function(tmp_path / "train.csv")
-    assert table["ID1"]["record"] == {"FVC": 2100, "Percent": 63.0, "Age": 70, "Sex": "Male", "SmokingStatus": "Ex-smoker"}
+    assert table["ID1"]["record"] == {"FVC": 2100, "Percent": 63.0, "Age": 70, "Sex": "Male",
+                                      "SmokingStatus": "Ex-smoker"}
     assert table["ID1"]["followup_record"] == {"FollowupWeeks": 53, "FollowupFVC": 1800, "FollowupPercent": 54.1}
 
 

@@ -185,7 +185,8 @@ def test_motion_beyond_twice_the_metric_margin(large_motion: dict) -> None:
 
 def test_ants_stopping_at_its_start_is_an_error(pair: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """ANTs catches its own exceptions (e.g. no metric samples) and returns the starting transform: refuse it."""
-    monkeypatch.setattr(custom.registration.ants, "registration", lambda **kw: {"fwdtransforms": kw["initial_transform"]})
+    monkeypatch.setattr(custom.registration.ants, "registration",
+                        lambda **kw: {"fwdtransforms": kw["initial_transform"]})
     with pytest.raises(RegistrationError, match="starting transform"):
         register_lung(pair["initial"], pair["affine_initial"], pair["initial_labels"] == LEFT_LUNG, pair["followup"],
                       pair["affine_followup"], pair["followup_labels"] == LEFT_LUNG)

@@ -163,7 +163,8 @@ def install_fake_model(monkeypatch: pytest.MonkeyPatch, calls: list) -> None:
         for name, module in (("totalsegmentator", package), ("totalsegmentator.python_api", api),
                              ("totalsegmentator.map_to_binary", binary)):
             monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.setattr(sys.modules["totalsegmentator.python_api"], "totalsegmentator", fake_model(calls), raising=False)
+    monkeypatch.setattr(sys.modules["totalsegmentator.python_api"], "totalsegmentator", fake_model(calls),
+                        raising=False)
 
 
 def test_totalsegmentator_backend(cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -178,7 +179,8 @@ def test_totalsegmentator_backend(cohort: Path, tmp_path: Path, monkeypatch: pyt
         with pytest.raises(RuntimeError, match="weights missing.*Dataset297, Dataset298"):
             segment_lungs(hu, affine, "totalsegmentator")
         assert not calls, "the model must not run without weights"
-        for task in ("Dataset297_TotalSegmentator_total_3mm_1559subj", "Dataset298_TotalSegmentator_total_6mm_1559subj"):
+        for task in ("Dataset297_TotalSegmentator_total_3mm_1559subj",
+                     "Dataset298_TotalSegmentator_total_6mm_1559subj"):
             fold = home / "nnunet" / "results" / task / "nnUNetTrainer__nnUNetPlans__3d_fullres" / "fold_0"
             fold.mkdir(parents=True)
             (fold / "checkpoint_final.pth").write_bytes(b"weights")

@@ -100,7 +100,8 @@ def test_saved_transforms_map_followup_lungs_onto_initial_lungs(cohort):
             t = np.asarray(transforms[name])
             moved = world @ t[:3, :3].T + t[:3, 3]
             vox = (moved - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T
-            warped = ndimage.map_coordinates((followup == label).astype(np.float32), vox.T, order=1).reshape(initial.shape)
+            moving = (followup == label).astype(np.float32)
+            warped = ndimage.map_coordinates(moving, vox.T, order=1).reshape(initial.shape)
             dice = _dice(warped > 0.5, initial == label)
             assert dice > 0.95, (pid, name, dice)
         # Without the transforms the lungs do not line up as well: registration is needed.
@@ -108,7 +109,8 @@ def test_saved_transforms_map_followup_lungs_onto_initial_lungs(cohort):
 
 
 def _hashes(folder):
-    return {p.relative_to(folder).as_posix(): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {p.relative_to(folder).as_posix(): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_same_seed_identical_bytes_other_seed_differs(tmp_path):

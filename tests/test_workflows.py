@@ -174,8 +174,8 @@ def test_inference_writes_followup_change_uncertainty_and_figure(prepared, raw_c
     out = tmp_path / "train"
     run_config(["train"], **_train_overrides(prepared, out))
     inference = {"input": str(raw_case), "record": _record(3), "ckpt_dir": str(prepared / "models"),
-                 "model_path": str(out / "model.pt"), "output_dir": str(tmp_path / "inf"), "grid": {"size": [GRID] * 3, "spacing_mm": 1.0},
-                 "allow_cropped": True,
+                 "model_path": str(out / "model.pt"), "output_dir": str(tmp_path / "inf"),
+                 "grid": {"size": [GRID] * 3, "spacing_mm": 1.0}, "allow_cropped": True,
                  "num_samples": 2, **TINY_MODEL}
     run_config(["inference"], **inference)
     folder = tmp_path / "inf" / "SYN0000"
@@ -254,7 +254,8 @@ def test_same_seed_same_training_and_sampling_on_cpu(prepared, raw_case, tmp_pat
         run_config(["train"], **_train_overrides(prepared, out, max_epochs=2, val_interval=100))
         weights.append(torch.load(out / "model.pt", weights_only=True))
         run_config(["inference"], input=str(raw_case), record=_record(3), ckpt_dir=str(prepared / "models"),
-                   model_path=str(out / "model.pt"), output_dir=str(out / "inf"), grid={"size": [GRID] * 3, "spacing_mm": 1.0}, allow_cropped=True,
+                   model_path=str(out / "model.pt"), output_dir=str(out / "inf"),
+                   grid={"size": [GRID] * 3, "spacing_mm": 1.0}, allow_cropped=True,
                    num_samples=2, **TINY_MODEL)
         followups.append(np.asarray(nib.load(str(out / "inf" / "SYN0000" / "followup.nii.gz")).dataobj))
     assert weights[0].keys() == weights[1].keys()
@@ -288,8 +289,8 @@ def test_importing_and_inference_make_no_network_access(prepared, raw_case, tmp_
     out = tmp_path / "train"
     run_config(["train"], **_train_overrides(prepared, out))
     inference = {"input": str(raw_case), "record": _record(1), "ckpt_dir": str(prepared / "models"),
-                 "model_path": str(out / "model.pt"), "output_dir": str(tmp_path / "inf"), "grid": {"size": [GRID] * 3, "spacing_mm": 1.0},
-                 "allow_cropped": True,
+                 "model_path": str(out / "model.pt"), "output_dir": str(tmp_path / "inf"),
+                 "grid": {"size": [GRID] * 3, "spacing_mm": 1.0}, "allow_cropped": True,
                  **TINY_MODEL}
     env = {**os.environ, "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0"}  # offline by design, not by setting
     result = subprocess.run([sys.executable, "-c", NO_NETWORK, json.dumps(inference)], capture_output=True,
