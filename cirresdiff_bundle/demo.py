@@ -56,6 +56,7 @@ def run_demo(root: str | Path = BUNDLE_ROOT) -> dict:
     Args:
         root: bundle folder; data go to ``<root>/data`` and results to ``<root>/runs/demo``.
     """
+    from custom.io import write_json
     from custom.synthetic import generate_cohort, summarize_cohort
 
     root = Path(root)
@@ -76,7 +77,8 @@ def run_demo(root: str | Path = BUNDLE_ROOT) -> dict:
                              **DEMO_SETTINGS["prepare"])
     times["pretrain_clip"] = _step("CLIP pre-training", ["pretrain_clip"], output_dir=str(runs / "pretrain_clip"),
                                    **common, **DEMO_SETTINGS["pretrain_clip"])
-    train = {**common, "output_dir": str(runs / "train"), "model_path": str(models / "model.pt"), **DEMO_SETTINGS["train"]}
+    train = {**common, "output_dir": str(runs / "train"), "model_path": str(models / "model.pt"),
+             **DEMO_SETTINGS["train"]}
     times["train"] = _step("training DM-R-CIP", ["train"], **train)
     evaluation = runs / "evaluate"
     method = "DM-R-CIP"
@@ -115,12 +117,13 @@ def run_demo(root: str | Path = BUNDLE_ROOT) -> dict:
     print("\n" + (evaluation / "summary.md").read_text(encoding="utf-8"))
     for name in ("real", "DM-R-CIP"):
         report = json.loads((runs / "classifier" / f"{name}.json").read_text(encoding="utf-8"))
-        print(f"progression classifier on {name} test pairs: accuracy {report['accuracy']:.2f}, ROC AUC {report['roc_auc']}")
+        print(f"progression classifier on {name} test pairs: accuracy {report['accuracy']:.2f}, "
+              f"ROC AUC {report['roc_auc']}")
     print("\nOutputs:")
     for name, path in outputs.items():
         print(f"  {name:20s} {path}")
     print("\nWall time per step (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
-    (runs / "demo_summary.json").write_text(json.dumps({"outputs": outputs, "seconds": times}, indent=2), encoding="utf-8")
+    write_json(runs / "demo_summary.json", {"outputs": outputs, "seconds": times})
     return {"outputs": outputs, "seconds": times}
 
 
@@ -139,7 +142,8 @@ def fig3_from_evaluation(prepared: Path, evaluation: Path, patient: str, path: P
         return np.asarray(nib.load(str(p)).dataobj, dtype=np.float32)
 
     return save_comparison_figure(
-        path, load(prepared / patient / "image.nii.gz"), load(evaluation / "predictions" / patient / "image_followup.nii.gz"),
+        path, load(prepared / patient / "image.nii.gz"),
+        load(evaluation / "predictions" / patient / "image_followup.nii.gz"),
         real_followup=load(prepared / patient / "target.nii.gz"), mask=load(prepared / patient / "mask.nii.gz"),
         title=f"{patient}: initial, generated (DM-R-CIP) and real follow-up",
     )

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 import os
@@ -32,7 +31,7 @@ import torch
 from ignite.engine import Engine, Events
 from scipy import ndimage, stats
 
-from custom.io import atomic_write_bytes, check_output_dir
+from custom.io import atomic_write_bytes, check_output_dir, write_json
 from custom.metrics import masked_psnr, masked_ssim
 
 logger = logging.getLogger(__name__)
@@ -73,7 +72,9 @@ def smoothed(initial: torch.Tensor, region: torch.Tensor, sigma: float = SMOOTHI
     return torch.as_tensor(values) * (region > 0)
 
 
-def region_metrics(prediction: torch.Tensor, followup: torch.Tensor, regions: Mapping[str, torch.Tensor]) -> dict[str, float]:
+def region_metrics(
+    prediction: torch.Tensor, followup: torch.Tensor, regions: Mapping[str, torch.Tensor]
+) -> dict[str, float]:
     """PSNR and SSIM of ``prediction`` against the real follow-up in each region; NaN where a region is empty.
 
     Args:
@@ -109,7 +110,9 @@ def case_rows(prediction: torch.Tensor, item: Mapping, threshold: float, keys: M
 
     def get(name: str) -> torch.Tensor | None:
         value = item.get(k[name])
-        return None if value is None else torch.as_tensor(np.asarray(value), dtype=torch.float32).reshape(1, *np.shape(value)[-3:])
+        if value is None:
+            return None
+        return torch.as_tensor(np.asarray(value), dtype=torch.float32).reshape(1, *np.shape(value)[-3:])
 
     y0, x0, region, lungs = get("image"), get("target"), get("mask") > 0, get("lungs") > 0
     regions = {"lungs": lungs, "change": change_region(y0, x0, lungs, threshold, get("new_lesions")), "region": region}
@@ -162,13 +165,11 @@ def summarize(rows: list[dict], methods: tuple[str, ...] | None = None) -> dict[
                 "mean": float(kept.mean()) if kept.size else math.nan,
                 "std": float(kept.std(ddof=1)) if kept.size > 1 else 0.0 if kept.size else math.nan,
                 "n": int(kept.size),
-                "vs_identity": paired_difference(values, np.array([r[f"identity_{metric}"] for r in rows], dtype=float)),
+                "vs_identity": paired_difference(
+                    values, np.array([r[f"identity_{metric}"] for r in rows], dtype=float)
+                ),
             }
     return summary
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 TABLE_COLUMNS = ("psnr_lungs", "ssim_lungs", "psnr_change", "psnr_region", "ssim_region")
@@ -218,11 +219,11 @@ def write_report(rows: list[dict], output_dir: str | os.PathLike, title: str, ex
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write_text(out / "metrics.csv", buffer.getvalue())
+    atomic_write_bytes(out / "metrics.csv", buffer.getvalue().encode("utf-8"))
     summary = summarize(rows)
-    _atomic_write_text(out / "summary.md", summary_markdown(summary, title))
+    atomic_write_bytes(out / "summary.md", summary_markdown(summary, title).encode("utf-8"))
     summary.update({"cases": len(rows), **(extra or {})})
-    _atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     return summary
 
 

@@ -23,8 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
@@ -36,7 +34,7 @@ from scipy import ndimage
 
 from custom.constants import AIR_HU, HU_WINDOW
 from custom.grid import Grid, as_grid
-from custom.io import CTInputError, check_output_dir, load_ct, write_json, write_nifti, write_png
+from custom.io import CTInputError, atomic_folder, check_output_dir, load_ct, write_json, write_nifti, write_png
 from custom.registration import register_pair
 from custom.segmentation import dilate_mm, segment_lungs, voxel_spacing
 from custom.text import read_lung_function
@@ -259,7 +257,8 @@ class ResampleToGridd(MapTransform):
     Args:
         keys: keys of HU images on the initial scan's grid.
         region_key: key of the binary region that centres the grid (resampled as a mask).
-        grid: the model grid: a ``custom.grid`` preset name (``"adult"``, ``"paper"``, ...) or ``{"size", "spacing_mm"}``.
+        grid: the model grid: a ``custom.grid`` preset name (``"adult"``, ``"paper"``, ...) or
+            ``{"size", "spacing_mm"}``.
         fill: HU outside the source image.
         allow_missing_keys: skip absent keys.
     """
@@ -350,7 +349,9 @@ def preparation_transform(segmenter: str = "threshold", margin_mm: float = 10.0,
     ], map_items=False)
 
 
-def qc_figure(path: Path, initial: np.ndarray, before: np.ndarray, after: np.ndarray, mask: np.ndarray, title: str) -> None:
+def qc_figure(
+    path: Path, initial: np.ndarray, before: np.ndarray, after: np.ndarray, mask: np.ndarray, title: str
+) -> None:
     """Registration QC picture: initial, follow-up before and after, checkerboard; three orthogonal planes.
 
     Args:
@@ -500,7 +501,8 @@ class PairPreparer:
 
     def __call__(self, initial: str | os.PathLike, followup: str | os.PathLike, out_dir: str | os.PathLike,
                  patient: str | None = None) -> dict:
-        """Prepare the pair; returns the QC record written to qc.json (raises ``RegistrationQCError`` after writing it, see above).
+        """Prepare the pair; returns the QC record written to qc.json (raises ``RegistrationQCError`` after
+        writing it, see above).
 
         Args:
             initial: initial CT (DICOM folder or image file).
@@ -509,6 +511,7 @@ class PairPreparer:
             patient: patient id for the QC record and the figure title.
         """
         out = Path(out_dir)
+        # atomic_folder would replace an existing folder
         if out.exists():
             raise FileExistsError(f"{out}: the output folder already exists; remove it or choose another")
         start = time.perf_counter()
@@ -522,24 +525,21 @@ class PairPreparer:
         qc["qc_passed"] = not qc["qc_failures"]
         qc["warnings"], qc["seconds"] = self.qc_warnings(qc), seconds
         title = f"{qc['patient']}: registration QC" + (" FAILED" if qc["qc_failures"] else "")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
+        # The folder is written even when the QC fails, so that qc.png can be inspected; check() raises after.
+        with atomic_folder(out) as tmp:
             for key in ("image", "target"):
                 write_nifti(tmp / f"{key}.nii.gz", np.asarray(d[key][0], dtype=np.float32), np.asarray(d[key].affine))
             write_nifti(tmp / "mask.nii.gz", np.asarray(d["mask"][0], dtype=np.uint8), np.asarray(d["mask"].affine))
             lungs = d["image_lungs"]
-            write_nifti(tmp / "lungs.nii.gz", resample(np.asarray(lungs[0]), np.asarray(lungs.affine), np.asarray(d["mask"].affine),
-                                                       d["mask"].shape[1:], order=0, fill=0.0).astype(np.uint8),
+            write_nifti(tmp / "lungs.nii.gz",
+                        resample(np.asarray(lungs[0]), np.asarray(lungs.affine), np.asarray(d["mask"].affine),
+                                 d["mask"].shape[1:], order=0, fill=0.0).astype(np.uint8),
                         np.asarray(d["mask"].affine))
-            qc_figure(tmp / "qc.png", *(np.asarray(d[k][0]) for k in ("image", "target_unregistered", "target", "mask")),
+            qc_figure(tmp / "qc.png",
+                      *(np.asarray(d[k][0]) for k in ("image", "target_unregistered", "target", "mask")),
                       title=title + (" - WARNING" if qc["warnings"] else ""))
             qc["seconds"]["total"] = round(time.perf_counter() - start, 3)
             write_json(tmp / "qc.json", qc)
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         self.check(qc, out)
         return qc
 
@@ -655,7 +655,8 @@ def prepare_cohort(cohort_dir: str | os.PathLike, prepared_dir: str | os.PathLik
     check_output_dir(out)
     summary: dict = {"prepared": [], "skipped": [], "failed": {}, "warnings": {}}
     prepared_list: dict[str, list] = {section: [] for section in cohort_list}
-    cases = [(section, entry) for section in ("training", "validation", "testing") for entry in cohort_list.get(section, [])]
+    cases = [(section, entry) for section in ("training", "validation", "testing")
+             for entry in cohort_list.get(section, [])]
     jobs = [(preparer, cohort, out, tables, entry) for _, entry in cases]
     pool = None
     if workers > 1 and len(jobs) > 1:
@@ -668,8 +669,9 @@ def prepare_cohort(cohort_dir: str | os.PathLike, prepared_dir: str | os.PathLik
     else:
         results = map(_prepare_case, jobs)
     try:
-        for (section, _), (patient, item, qc, error, skipped) in tqdm(zip(cases, results), total=len(cases), desc="prepare",
-                                                                      unit="pair", disable=not progress):
+        for (section, _), (patient, item, qc, error, skipped) in tqdm(zip(cases, results), total=len(cases),
+                                                                      desc="prepare", unit="pair",
+                                                                      disable=not progress):
             if error is not None:
                 summary["failed"][patient] = error
                 tqdm.write(f"prepare: {patient} FAILED: {error}")

@@ -37,7 +37,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,7 +46,7 @@ import numpy as np
 from scipy import ndimage
 
 from custom.constants import LEFT_LUNG, LESION_LABELS, RIGHT_LUNG
-from custom.io import atomic_write_bytes, nifti_bytes
+from custom.io import atomic_folder, atomic_write_bytes, nifti_bytes
 
 SMOKING = ("Never smoked", "Ex-smoker", "Currently smokes")
 DEFAULT_BODY_SCALE = 1.0
@@ -144,7 +143,8 @@ def sample_patient(patient_id: str, rng: np.random.Generator) -> Patient:
     dlco = float(np.clip(85.0 - 120.0 * burden + rng.normal(0, 7), 15, 110))
     weeks = float(np.clip(rng.normal(46, 8), 26, 70))
     # Yearly relative decline: faster with lower % predicted and with smoking; a third are stable.
-    rate = 0.04 + 0.28 * (1.0 - percent / 100.0) + {"Never smoked": 0.0, "Ex-smoker": 0.02, "Currently smokes": 0.07}[smoking]
+    rate = (0.04 + 0.28 * (1.0 - percent / 100.0)
+            + {"Never smoked": 0.0, "Ex-smoker": 0.02, "Currently smokes": 0.07}[smoking])
     rate = rate * (0.15 if rng.random() < 0.25 else 1.0) + rng.normal(0, 0.025)
     decline = float(np.clip(rate * weeks / 52.0, -0.03, 0.45))
     followup_fvc = fvc * (1.0 - decline)
@@ -158,7 +158,9 @@ def sample_patient(patient_id: str, rng: np.random.Generator) -> Patient:
     )
 
 
-def random_affine(rng: np.random.Generator, centre: np.ndarray, max_deg: float, max_mm: float, max_scale: float) -> np.ndarray:
+def random_affine(
+    rng: np.random.Generator, centre: np.ndarray, max_deg: float, max_mm: float, max_scale: float
+) -> np.ndarray:
     """A 4x4 RAS affine rotating and scaling about ``centre`` and translating.
 
     Args:
@@ -229,7 +231,9 @@ class ChestPhantom:
         q = (pts - centre.astype(pts.dtype)) / axes.astype(pts.dtype)
         return np.sqrt(np.einsum("...i,...i->...", q, q))
 
-    def render(self, pts: np.ndarray, burden: float, rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def render(
+        self, pts: np.ndarray, burden: float, rng: np.random.Generator | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """HU, lung labels and lesion labels at points ``pts`` (..., 3) in the body frame.
 
         Args:
@@ -261,7 +265,8 @@ class ChestPhantom:
         for side, label in ((0, RIGHT_LUNG), (1, LEFT_LUNG)):
             rho = self.ellipsoid_radius(pts, self.lung_centres[side], self.lung_axes[side])
             # Diaphragm dome: flattens the lung base.
-            dome = z > self.lung_centres[side][2] - self.lung_axes[side][2] * (0.75 - 0.35 * ((x - self.lung_centres[side][0]) / self.lung_axes[side][0]) ** 2)
+            dome = z > self.lung_centres[side][2] - self.lung_axes[side][2] * (
+                0.75 - 0.35 * ((x - self.lung_centres[side][0]) / self.lung_axes[side][0]) ** 2)
             inside = (rho < 1.0) & dome & ~heart
             lung_lab[inside] = label
             depth[inside] = ((1.0 - rho[inside]) * self.lung_axes[side].min())
@@ -376,7 +381,8 @@ class ChestPhantom:
         if ret.any():
             # A net of thin dense lines: where a band-pass pattern of the position crosses zero.
             p = pts[ret] / (2.2 * max(self.s, 0.25) ** 0.5)
-            net = np.sin(p[:, 0] + 0.7 * np.sin(p[:, 1])) * np.sin(p[:, 1] + 0.7 * np.sin(p[:, 2])) * np.sin(p[:, 2] + 0.5 * p[:, 0])
+            net = (np.sin(p[:, 0] + 0.7 * np.sin(p[:, 1])) * np.sin(p[:, 1] + 0.7 * np.sin(p[:, 2]))
+                   * np.sin(p[:, 2] + 0.5 * p[:, 0]))
             hu[ret] = np.where(np.abs(net) < 0.25, -150.0, -620.0)
         honey = lesion == LESION_LABELS["honeycombing"]
         if honey.any():
@@ -464,7 +470,8 @@ def voxel_grid(shape: tuple[int, int, int], affine: np.ndarray) -> np.ndarray:
 
 def patient_grid(phantom: ChestPhantom, rng: np.random.Generator, slice_mm: Sequence[float] = SLICE_MM
                  ) -> tuple[tuple[int, int, int], np.ndarray]:
-    """Voxel grid of a scan: a ``MATRIX`` x ``MATRIX`` field of view over the chest, slices from the lung bases to the apices.
+    """Voxel grid of a scan: a ``MATRIX`` x ``MATRIX`` field of view over the chest, slices from the lung
+    bases to the apices.
 
     Args:
         phantom: the patient's anatomy.
@@ -540,8 +547,10 @@ def write_dicom_series(folder: Path, hu: np.ndarray, affine: np.ndarray, patient
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
     # GDCM applies the RescaleIntercept tag when writing: the file stores HU + 1024, unsigned.
     stored = np.clip(np.round(hu), -1024, 64511).astype(np.int32)
-    tmp_folder = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    # atomic_folder would replace an existing folder
+    if folder.exists():
+        raise FileExistsError(f"{folder} already exists")
+    with atomic_folder(folder) as tmp:
         writer = sitk.ImageFileWriter()
         writer.KeepOriginalImageUIDOn()
         spacing = np.linalg.norm(affine[:3, :3], axis=0)
@@ -564,16 +573,8 @@ def write_dicom_series(folder: Path, hu: np.ndarray, affine: np.ndarray, patient
             }
             for tag, value in tags.items():
                 slice_img.SetMetaData(tag, value)
-            writer.SetFileName(str(tmp_folder / f"slice_{k:04d}.dcm"))
+            writer.SetFileName(str(tmp / f"slice_{k:04d}.dcm"))
             writer.Execute(slice_img)
-        if folder.exists():
-            raise FileExistsError(f"{folder} already exists")
-        os.replace(tmp_folder, folder)
-    finally:
-        if tmp_folder.exists():
-            for f in tmp_folder.iterdir():
-                f.unlink()
-            tmp_folder.rmdir()
 
 
 def generate_patient(
@@ -623,7 +624,8 @@ def generate_patient(
         "oracle_followup_lesions.nii.gz": nifti_bytes(lesions_oracle, affine),
     }
     transforms = {
-        "convention": "4x4 RAS mm matrices mapping a point of the initial scan to the same tissue point in the follow-up scan",
+        "convention": "4x4 RAS mm matrices mapping a point of the initial scan to the same tissue point in the "
+                      "follow-up scan",
         "right_lung": lung_transforms[0].tolist(),
         "left_lung": lung_transforms[1].tolist(),
         "body": body_transform.tolist(),
@@ -637,7 +639,8 @@ def generate_patient(
     voxel_ml = float(np.prod(spacing)) / 1000.0
     return {
         "shape": list(shape), "spacing": spacing.round(3).tolist(),
-        "lesion_ml": float((lesions0 > 0).sum() * voxel_ml), "followup_lesion_ml": float((lesions1 > 0).sum() * voxel_ml),
+        "lesion_ml": float((lesions0 > 0).sum() * voxel_ml),
+        "followup_lesion_ml": float((lesions1 > 0).sum() * voxel_ml),
         "lung_ml": float((lungs0 > 0).sum() * voxel_ml),
     }
 
@@ -649,11 +652,13 @@ TABLE_COLUMNS = ["Patient", "Weeks", "FVC", "Percent", "Age", "Sex", "SmokingSta
 def table_row(p: Patient) -> dict:
     """One row of ``lung_function.csv`` (OSIC column names)."""
     return {"Patient": p.patient_id, "Weeks": 0, "FVC": int(p.fvc), "Percent": p.percent, "Age": p.age, "Sex": p.sex,
-            "SmokingStatus": p.smoking, "DLCO": p.dlco, "FollowupWeeks": int(p.weeks), "FollowupFVC": int(p.followup_fvc),
-            "FollowupPercent": p.followup_percent, "Progression": p.progression}
+            "SmokingStatus": p.smoking, "DLCO": p.dlco, "FollowupWeeks": int(p.weeks),
+            "FollowupFVC": int(p.followup_fvc), "FollowupPercent": p.followup_percent, "Progression": p.progression}
 
 
-def split_patients(ids: list[str], seed: int, test_fraction: float = 0.2, folds: int = 5) -> tuple[list[str], dict[str, int]]:
+def split_patients(
+    ids: list[str], seed: int, test_fraction: float = 0.2, folds: int = 5
+) -> tuple[list[str], dict[str, int]]:
     """A fixed test split and five cross-validation folds over the remaining patients.
 
     Args:
@@ -754,7 +759,9 @@ def summarize_cohort(cohort_dir: str | os.PathLike) -> dict:
     stable = [r for r in rows if r["Progression"] == "0"]
 
     def growth(group: list[dict]) -> str:
-        return mean_sd([stats[r["Patient"]]["followup_lesion_ml"] - stats[r["Patient"]]["lesion_ml"] for r in group]) if group else "n/a"
+        if not group:
+            return "n/a"
+        return mean_sd([stats[r["Patient"]]["followup_lesion_ml"] - stats[r["Patient"]]["lesion_ml"] for r in group])
 
     decline = [100 * (float(r["FVC"]) - float(r["FollowupFVC"])) / float(r["FVC"]) for r in rows]
     spacings = np.array([s["spacing"] for s in stats.values()])
