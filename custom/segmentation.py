@@ -195,7 +195,7 @@ def split_lungs(lungs: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return out
 
 
-def segment_lungs_threshold(hu: np.ndarray, affine: np.ndarray, min_lung_ml: float = 20.0) -> np.ndarray:
+def segment_lungs_threshold(hu: np.ndarray, affine: np.ndarray, min_lung_ml: float = 5.0) -> np.ndarray:
     """Weight-free lung segmentation (labels 1 left, 2 right).
 
     On a whole-chest scan (at least ``POOLED_MIN_MATRIX`` pixels across), pixels finer than
