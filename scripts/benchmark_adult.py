@@ -64,7 +64,7 @@ def time_patient(index: int, seed: int, work: Path, sample: bool) -> dict:
 
 
 RESHAPED_STRETCHES = ((0.9, 1.25, 1.1), (1.45, 1.0, 1.0))
-"""Chests of other shapes built from a generated one: deeper and taller, then 45 % wider (lungs ~380 mm across: too wide for the grid)."""
+"""Chests of other shapes made from a generated one: deeper and taller; 45 % wider (lungs ~380 mm: too wide)."""
 
 
 def reshaped_case(initial: Path, record: dict, work: Path, stretch: tuple[float, float, float]) -> dict:
