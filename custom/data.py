@@ -104,14 +104,15 @@ class DatasetSplit:
             return self.datalist
         if self.cohort_dir is None:
             raise FileNotFoundError(f"datalist not found: {self.datalist}")
-        from custom.preregistration import PairPreparer, preparation_transform, prepare_cohort
+        from custom.preregistration import prepare_config
         from custom.synthetic import generate_cohort
 
         cohort_datalist = self.cohort_dir / "datalist.json"
         if not cohort_datalist.is_file():
             logger.info(f"no dataset at {self.datalist}: generating the synthetic cohort in {self.cohort_dir}")
             generate_cohort(self.cohort_dir, n_patients=self.num_patients)
-        prepare_cohort(self.cohort_dir, self.datalist.parent, PairPreparer(preparation_transform(grid=self.grid)))
+        prepare_config(cohort_dir=str(self.cohort_dir), prepared_dir=str(self.datalist.parent),
+                       grid=self.grid).get_parsed_content("prepare")
         return self.datalist
 
     def _content(self) -> dict[str, list[dict]]:

@@ -28,6 +28,7 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.transforms import Compose, MapTransform
 from scipy import ndimage
@@ -39,6 +40,8 @@ from custom.registration import register_pair
 from custom.segmentation import dilate_mm, segment_lungs, voxel_spacing
 from custom.text import read_lung_function
 
+BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+"""The bundle folder (its ``configs/`` holds ``prepare.json``)."""
 logger = logging.getLogger(__name__)
 
 PREPARED_FILES = ("image.nii.gz", "target.nii.gz", "mask.nii.gz", "lungs.nii.gz", "qc.json", "qc.png")
@@ -326,27 +329,25 @@ class NormalizeHUd(MapTransform):
         return d
 
 
-def preparation_transform(segmenter: str = "threshold", margin_mm: float = 10.0, grid: Grid | str | Mapping = "adult",
-                          normalization: str = "window", transform_type: str = "Affine", seed: int = 1) -> Compose:
-    """The pair-preparation chain of ``configs/prepare.json``, for use from Python.
+def prepare_config(**overrides) -> ConfigParser:
+    """``configs/prepare.json`` with config overrides (e.g. ``grid="small"``): the one definition of preparation.
 
     Args:
-        segmenter: lung segmentation back end.
-        margin_mm: dilation of the lungs (registration masks and region).
-        grid: the model grid (``custom.grid`` preset name or ``{"size", "spacing_mm"}``).
-        normalization: ``"window"`` or ``"minmax"``.
-        transform_type: ANTs transform type.
-        seed: positive seed of ANTs' random sampling.
+        overrides: config ids and their values.
     """
-    images = ["image", "target", "target_unregistered"]
-    return Compose([
-        LoadCTd(keys=["image", "target"]),
-        SegmentLungsd(keys=["image", "target"], segmenter=segmenter),
-        DilateMaskd(keys="image_lungs", margin_mm=margin_mm, output_key="mask"),
-        RegisterLungsd("image", "target", margin_mm=margin_mm, transform_type=transform_type, seed=seed),
-        ResampleToGridd(keys=images, region_key="mask", grid=grid),
-        NormalizeHUd(keys=images, mode=normalization, mask_key="mask"),
-    ], map_items=False)
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE_ROOT / "configs" / "prepare.json"))
+    parser.update(overrides)
+    return parser
+
+
+def preparation_chain(**overrides) -> Compose:
+    """The pair-preparation chain ``configs/prepare.json#preparation``, for use from Python.
+
+    Args:
+        overrides: config ids of ``prepare.json`` and their values (``grid``, ``segmenter``, ``normalization``, ...).
+    """
+    return prepare_config(**overrides).get_parsed_content("preparation")
 
 
 def qc_figure(
@@ -414,7 +415,7 @@ class PairPreparer:
     as prepared, unless ``keep_failed_qc`` is set.
 
     Args:
-        transform: the preparation chain (``configs/prepare.json#preparation`` or ``preparation_transform()``).
+        transform: the preparation chain (default ``configs/prepare.json#preparation``, see ``preparation_chain``).
         min_dice: a lung's mask Dice after registration below this fails the QC (a failed registration,
             or different patients).
         min_ncc: a lung's NCC of HU after registration below this fails the QC (different patients?).
@@ -429,7 +430,7 @@ class PairPreparer:
     def __init__(self, transform: Callable[[dict], dict] | None = None, min_dice: float = 0.8, min_ncc: float = 0.25,
                  max_volume_change: float = 0.25, max_dice_loss: float = 0.01, min_region_inside_grid: float = 0.98,
                  keep_failed_qc: bool = False) -> None:
-        self.transform = transform if transform is not None else preparation_transform()
+        self.transform = transform if transform is not None else preparation_chain()
         self.min_dice, self.min_ncc = float(min_dice), float(min_ncc)
         self.max_volume_change, self.max_dice_loss = float(max_volume_change), float(max_dice_loss)
         self.min_region_inside_grid, self.keep_failed_qc = float(min_region_inside_grid), bool(keep_failed_qc)

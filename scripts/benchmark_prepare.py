@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from custom.constants import LESION_LABELS, LUNG_LABELS  # noqa: E402
 from custom.io import load_ct  # noqa: E402
-from custom.preregistration import PairPreparer, normalize_hu, preparation_transform  # noqa: E402
+from custom.preregistration import PairPreparer, normalize_hu, preparation_chain  # noqa: E402
 from custom.segmentation import check_totalsegmentator, dilate_mm, segment_lungs, voxel_spacing  # noqa: E402
 from custom.synthetic import generate_cohort  # noqa: E402
 
@@ -99,7 +99,7 @@ def parenchyma_means(folder: Path) -> dict[str, list[float]]:
 
 def time_pairs(cohort: Path, patients: list[str], grid: tuple[int, int, int], work: Path) -> list[dict]:
     """Prepare each pair on ``grid``; returns its QC record (with seconds per step)."""
-    preparer = PairPreparer(preparation_transform(grid=grid))
+    preparer = PairPreparer(preparation_chain(grid={"size": list(grid), "spacing_mm": 1.0}))
     records = []
     for patient in patients:
         folder = cohort / patient

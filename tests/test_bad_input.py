@@ -355,7 +355,7 @@ BAD_INPUTS = [
     ("record not a mapping", record_not_a_mapping, RecordError, r"P17: .*must be a mapping"),
     ("lung-function CSV without a column", lung_function_csv_missing_column, ValueError, r"missing \['Percent'\]"),
     ("config override of the wrong type", override_wrong_type, TypeError,
-     r"max_epochs='ten' \(str\) does not fit its default 70"),
+     r"max_epochs='ten' \(str\) does not fit its default 45"),
     ("config override: number for a list", override_int_for_list, TypeError, r"grid=48 \(int\) is not a grid"),
     ("record holding a config expression", record_holding_code, ValueError, r"would run as Python code.*record"),
     ("checkpoint of another network shape", checkpoint_other_network, ValueError, r"model\.pt do not fit this network"),
@@ -395,13 +395,13 @@ def test_missing_fields_are_said_as_missing_not_refused():
 
 
 def test_failed_preparation_leaves_no_output(patient, tmp_path):
-    from custom.preregistration import PairPreparer, preparation_transform
+    from custom.preregistration import PairPreparer, preparation_chain
 
     hu = _ct_like((64, 64, 48))
     followup = _nifti(tmp_path, hu)
     out = tmp_path / "prepared" / "P1"
     with pytest.raises(CTInputError, match="no lung"):
-        preparer = PairPreparer(preparation_transform(grid={"size": [32, 32, 32], "spacing_mm": 1.0}))
+        preparer = PairPreparer(preparation_chain(grid={"size": [32, 32, 32], "spacing_mm": 1.0}))
         preparer(patient / "initial.nii.gz", followup, out)
     assert not out.exists()
     assert not (tmp_path / "prepared").exists() or not any((tmp_path / "prepared").iterdir())

@@ -21,7 +21,7 @@ from custom.preregistration import (
     PairPreparer,
     RegistrationQCError,
     normalize_hu,
-    preparation_transform,
+    preparation_chain,
     prepare_cohort,
     resample,
 )
@@ -29,7 +29,7 @@ from custom.synthetic import SMALL_BODY_SCALE, generate_cohort
 from custom.text import read_lung_function
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
-SMALL_CHAIN = preparation_transform(grid="small")
+SMALL_CHAIN = preparation_chain(grid="small")
 """The preparation chain on the grid that holds the tests' small chests."""
 
 
@@ -87,13 +87,29 @@ def test_same_inputs_identical_files(prepared: Path, cohort: Path, tmp_path: Pat
         assert (tmp_path / "again" / name).read_bytes() == (prepared / name).read_bytes(), name
 
 
-def test_inference_preprocessing_from_config(prepared: Path, cohort: Path) -> None:
+@pytest.mark.parametrize("normalization", ["window", "minmax"])
+def test_inference_preprocessing_matches_preparation(prepared: Path, cohort: Path, tmp_path: Path,
+                                                     normalization: str) -> None:
+    """inference.json puts a raw scan on the grid exactly as prepare.json prepared it, normalisation included."""
+    if normalization == "window":
+        reference = prepared
+    else:
+        reference = tmp_path / "minmax"
+        PairPreparer(preparation_chain(grid="small", normalization=normalization))(
+            cohort / "SYN0000" / "initial.nii.gz", cohort / "SYN0000" / "followup.nii.gz", reference)
     parser = ConfigParser()
-    parser.read_config(BUNDLE_ROOT / "configs" / "prepare.json")
-    parser["grid"] = "small"
-    chain = parser.get_parsed_content("inference_preprocessing")
-    d = chain({"image": str(cohort / "SYN0000" / "initial.nii.gz")})
-    np.testing.assert_allclose(np.asarray(d["image"][0]), nib.load(prepared / "image.nii.gz").get_fdata(), atol=1e-6)
+    parser.read_config(BUNDLE_ROOT / "configs" / "inference.json")
+    parser.update({"grid": "small", "normalization": normalization})
+    d = parser.get_parsed_content("preprocessing")({"image": str(cohort / "SYN0000" / "initial.nii.gz")})
+    np.testing.assert_allclose(np.asarray(d["image"][0]), nib.load(reference / "image.nii.gz").get_fdata(), atol=1e-6)
+
+
+def test_shipped_configs_prepare_and_infer_alike() -> None:
+    """The settings the model's input depends on are the same in preparation and inference."""
+    prepare, inference = (json.loads((BUNDLE_ROOT / "configs" / f"{n}.json").read_text(encoding="utf-8"))
+                          for n in ("prepare", "inference"))
+    for key in ("grid", "normalization", "margin_mm", "segmenter", "totalsegmentator_fast"):
+        assert prepare[key] == inference[key], key
 
 
 def test_inference_maps_the_prediction_back_to_the_initial_scan(cohort: Path) -> None:
