@@ -635,7 +635,8 @@ def generate_patient(
         atomic_write_bytes(out_dir / name, data)
     if write_dicom and not (out_dir / "initial_dicom").exists():
         write_dicom_series(out_dir / "initial_dicom", np.round(hu0), affine, patient.patient_id, patient.patient_id)
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    # The header keeps the affine in single precision: the statistics use what a reader gets back.
+    spacing = np.linalg.norm(affine[:3, :3].astype(np.float32).astype(np.float64), axis=0)
     voxel_ml = float(np.prod(spacing)) / 1000.0
     return {
         "shape": list(shape), "spacing": spacing.round(3).tolist(),
@@ -674,12 +675,43 @@ def split_patients(
     return test, {pid: k % folds for k, pid in enumerate(train)}
 
 
+PATIENT_FILES = ("initial.nii.gz", "followup.nii.gz", "initial_lungs.nii.gz", "followup_lungs.nii.gz",
+                 "initial_lesions.nii.gz", "followup_lesions.nii.gz", "oracle_followup.nii.gz",
+                 "oracle_followup_lesions.nii.gz", "transforms.json")
+"""What ``generate_patient`` writes (each file atomically, ``transforms.json`` last)."""
+
+
+def stats_from_files(folder: Path) -> dict:
+    """The image statistics ``generate_patient`` returns, read back from a patient's written files.
+
+    Args:
+        folder: the patient's folder.
+    """
+    import nibabel as nib
+
+    lungs = nib.load(str(folder / "initial_lungs.nii.gz"))
+    spacing = np.linalg.norm(lungs.affine[:3, :3], axis=0)
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+
+    def volume(name: str) -> float:
+        return float((np.asarray(nib.load(str(folder / name)).dataobj) > 0).sum() * voxel_ml)
+
+    return {"shape": list(lungs.shape), "spacing": spacing.round(3).tolist(),
+            "lesion_ml": volume("initial_lesions.nii.gz"), "followup_lesion_ml": volume("followup_lesions.nii.gz"),
+            "lung_ml": volume("initial_lungs.nii.gz")}
+
+
 def _generate_one(job: tuple[Path, int, int, float, bool, tuple[float, ...]]) -> tuple[Patient, dict]:
-    """Draw and render patient ``index`` of a cohort (a picklable unit of work for worker processes)."""
+    """Draw and render patient ``index`` of a cohort (a picklable unit of work for worker processes); a patient
+    whose files are all on disk is kept (the table is redrawn from its random stream, the images are not)."""
     out, seed, index, body_scale, write_dicom, slice_mm = job
     rng = patient_rng(seed, index)
     patient = sample_patient(f"SYN{index:04d}", rng)
-    return patient, generate_patient(patient, rng, out / patient.patient_id, body_scale, write_dicom, slice_mm)
+    folder = out / patient.patient_id
+    written = all((folder / name).is_file() for name in PATIENT_FILES)
+    if written and (not write_dicom or (folder / "initial_dicom").is_dir()):
+        return patient, stats_from_files(folder)
+    return patient, generate_patient(patient, rng, folder, body_scale, write_dicom, slice_mm)
 
 
 def generate_cohort(

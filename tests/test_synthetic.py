@@ -198,3 +198,13 @@ def test_detail_grid_resamples_linearly_and_labels_by_nearest_voxel():
     np.testing.assert_allclose(ramp, 2.0 * sx - sy + 0.5 * sz, atol=1e-4)  # linear interpolation is exact on a ramp
     labels = detail.to_scan((x > 0).astype(np.uint8), linear=False)
     assert set(np.unique(labels)) == {0, 1} and np.all(labels[sx < -1.0] == 0) and np.all(labels[sx > 1.0] == 1)
+
+
+def test_interrupted_generation_resumes_with_the_same_files(tmp_path):
+    generate_cohort(tmp_path / "a", n_patients=2, seed=7, body_scale=SMALL_BODY_SCALE)
+    before = _hashes(tmp_path / "a")
+    (tmp_path / "a" / "SYN0001" / "transforms.json").unlink()  # SYN0001 interrupted before its last file
+    stamp = (tmp_path / "a" / "SYN0000" / "initial.nii.gz").stat().st_mtime_ns
+    generate_cohort(tmp_path / "a", n_patients=2, seed=7, body_scale=SMALL_BODY_SCALE)
+    assert _hashes(tmp_path / "a") == before
+    assert (tmp_path / "a" / "SYN0000" / "initial.nii.gz").stat().st_mtime_ns == stamp, "a complete patient is kept"
