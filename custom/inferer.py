@@ -335,13 +335,8 @@ class ResidualShiftInferer(DiffusionSamplingInferer):
     def direct_prediction(
         self, inputs: torch.Tensor, network: Callable, context: torch.Tensor | None
     ) -> torch.Tensor | None:
-        """The mean prediction in ``"mean"`` mode; ``None`` (the mean of the samples) in ``"sample"`` mode.
-
-        Args:
-            inputs: initial scans y0, (B, 1, D, H, W).
-            network: the denoiser.
-            context: text token features (B, L, D) or ``None``.
-        """
+        """The mean prediction in ``"mean"`` mode; ``None`` (the mean of the samples) in ``"sample"`` mode (arguments
+        as in the base class)."""
         return self.predict_mean(inputs, network, context) if self.prediction == "mean" else None
 
     def sample_one(

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cirresdiff_bundle import predict_followup  # noqa: E402
+from cirresdiff_bundle.cli import root_cause  # noqa: E402
 from custom.grid import GRIDS  # noqa: E402
 from custom.preregistration import PairPreparer  # noqa: E402
 from custom.synthetic import generate_patient, patient_rng, sample_patient  # noqa: E402
@@ -95,10 +96,7 @@ def reshaped_case(initial: Path, record: dict, work: Path, stretch: tuple[float,
         summary = predict_followup(path, record, output_dir=work / "reshaped")[0]["summary"]
         outcome = f"predicted, {100 * summary['coverage']['lungs_inside_grid']:.1f} % of the lungs in the grid"
     except Exception as error:  # the refusal is an outcome to report, not a failure of the benchmark
-        cause = error
-        while cause.__cause__ is not None or cause.__context__ is not None:
-            cause = cause.__cause__ or cause.__context__
-        outcome = f"refused: {cause}"
+        outcome = f"refused: {root_cause(error)}"
     return {"stretch": list(stretch), "shape": list(shape), "spacing": spacing.tolist(), "outcome": outcome,
             "seconds": time.perf_counter() - start}
 
