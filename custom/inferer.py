@@ -5,15 +5,19 @@ Every reverse step runs the denoiser over the *whole* volume with MONAI's
 and only then updates the volume, so neighbouring windows never disagree about the sample they
 share: there is one x_t per step, not one per patch.
 
-- ``ResidualShiftInferer``: by default the mean prediction, one pass of the network at t = T on
-  x_T = y0; for samples it starts from the initial scan (x_T = y0 + kappa sqrt(eta_T) noise) and
-  takes T (15) posterior steps with the network predicting x0 (the full model, DM-R / DM-R-CIP).
-- ``ConditionalDDPMInferer``: starts from pure noise and runs a MONAI DDPM/DDIM scheduler with the
-  network predicting the noise, y0 concatenated (the paper's DM / DM-CIP baseline).
+There is one sampling loop (``DiffusionSamplingInferer.sample_one``), written against the scheduler
+protocol of MONAI's ``monai.networks.schedulers`` (``set_timesteps``, ``timesteps``, ``step``
+returning ``(prev_sample, pred_original_sample)``), as MONAI's ``DiffusionInferer.sample`` is. The
+diffusions differ only in two hooks, as ``custom.engines.DiffusionPrepareBatch`` does in training:
 
-Both share the sliding-window machinery (``DiffusionSamplingInferer``) and the same denoiser call
-``network(torch.cat([x_t, y0], 1), timesteps, context)``, so DM and DM-R differ only in the
-diffusion. Both follow MONAI's ``Inferer`` contract: ``inferer(inputs, network)`` with the initial
+- ``DiffusionSamplingInferer`` itself is the conditional DDPM/DDIM (the paper's DM / DM-CIP
+  baseline): x_T is pure noise and the network sees x_t unscaled.
+- ``ResidualShiftInferer`` (the full model, DM-R / DM-R-CIP): x_T = y0 + kappa sqrt(eta_T) noise,
+  the network sees x_t scaled by the scheduler; by default it returns the mean prediction, one
+  network pass at t = T on x_T = y0, instead of samples.
+
+Every diffusion calls the same denoiser ``network(torch.cat([x_t, y0], 1), timesteps, context)``.
+The inferers follow MONAI's ``Inferer`` contract: ``inferer(inputs, network)`` with the initial
 scan alone returns the generated follow-up (MONAI Label calls it this way); the lung-function
 text context is an optional keyword. The denoisers are trained by the one training step of
 ``custom.engines`` (its prepare-batch classes), not here.
@@ -21,14 +25,12 @@ text context is an optional keyword. The denoisers are trained by the one traini
 
 from __future__ import annotations
 
-from abc import abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer, SlidingWindowInferer
-from monai.networks.schedulers import Scheduler
 from monai.utils import ensure_tuple_rep
 from tqdm.auto import tqdm
 
@@ -98,9 +100,16 @@ class _WindowNetwork:
 
 
 class DiffusionSamplingInferer(Inferer):
-    """Shared machinery: sliding windows over the whole volume at every step, several samples, uncertainty.
+    """The sampling loop over the whole volume, several samples, uncertainty; itself the conditional DDPM.
+
+    As the DM baseline, x_T ~ N(0, I) and the scheduler (a MONAI ``DDPMScheduler``, e.g. T = 1000,
+    or ``DDIMScheduler``, e.g. 50 steps) takes the network's prediction of what its
+    ``prediction_type`` says (``"epsilon"`` by default: the noise, Ho et al. 2020).
 
     Args:
+        scheduler: the scheduler the network was trained with; it offers ``set_timesteps``,
+            ``timesteps`` and ``step``.
+        num_inference_steps: reverse steps; ``None`` uses all ``num_train_timesteps``.
         roi_size: window size (the training patch size).
         sw_batch_size: windows per network call.
         overlap: fraction of overlap between neighbouring windows.
@@ -122,6 +131,8 @@ class DiffusionSamplingInferer(Inferer):
 
     def __init__(
         self,
+        scheduler: torch.nn.Module,
+        num_inference_steps: int | None = None,
         roi_size: Sequence[int] | int = 96,
         sw_batch_size: int = 4,
         overlap: float = 0.25,
@@ -137,6 +148,8 @@ class DiffusionSamplingInferer(Inferer):
         channels_last: bool = False,
     ) -> None:
         super().__init__()
+        self.scheduler = scheduler
+        self.num_inference_steps = num_inference_steps or scheduler.num_train_timesteps
         if num_samples < 1:
             raise ValueError(f"num_samples must be at least 1, got {num_samples}.")
         if text_encoder is not None and default_text is None:
@@ -175,11 +188,28 @@ class DiffusionSamplingInferer(Inferer):
         window_network = _WindowNetwork(network, timestep, context, self.autocast_dtype, self.channels_last)
         return self.window(torch.cat([x_t, y0], dim=1), window_network)
 
-    @abstractmethod
+    def prior(self, y0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The start of the reverse process, x_T: pure noise for the DDPM.
+
+        Args:
+            y0: the initial scan of one case, (1, 1, D, H, W).
+            noise: standard normal noise of the same shape.
+        """
+        return noise
+
+    def model_input(self, x_t: torch.Tensor, timestep: int) -> torch.Tensor:
+        """The network's view of x_t: x_t itself for the DDPM.
+
+        Args:
+            x_t: the current sample.
+            timestep: its step index.
+        """
+        return x_t
+
     def sample_one(
         self, network: Callable, y0: torch.Tensor, context: torch.Tensor | None, generator: torch.Generator | None
     ) -> torch.Tensor:
-        """One sample of the follow-up for one case.
+        """One sample of the follow-up for one case: x_T from ``prior``, then the scheduler's reverse steps.
 
         Args:
             network: the denoiser.
@@ -187,6 +217,13 @@ class DiffusionSamplingInferer(Inferer):
             context: its text features (1, L, D) or ``None``.
             generator: random generator of the sampling noise, or ``None`` for the global state.
         """
+        scheduler = self.scheduler.to(y0.device)
+        scheduler.set_timesteps(self.num_inference_steps, device=y0.device)
+        x_t = self.prior(y0, _randn(y0.shape, y0, generator))
+        for t in self._steps(scheduler.timesteps.tolist()):
+            model_output = self.denoise(network, self.model_input(x_t, int(t)), y0, int(t), context)
+            x_t, _ = scheduler.step(model_output, int(t), x_t, generator=generator)
+        return x_t
 
     def _context(self, batch_size: int, device: torch.device, context: torch.Tensor | None) -> torch.Tensor | None:
         if context is not None or self.text_encoder is None:
@@ -300,11 +337,18 @@ class ResidualShiftInferer(DiffusionSamplingInferer):
     """
 
     def __init__(self, scheduler: ResidualShiftScheduler, prediction: str = "mean", **kwargs) -> None:
-        super().__init__(**kwargs)
+        super().__init__(scheduler, **kwargs)
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}.")
-        self.scheduler = scheduler
         self.prediction = prediction
+
+    def prior(self, y0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_T = y0 + kappa sqrt(eta_T) noise: sampling starts at the initial scan (arguments as in the base class)."""
+        return self.scheduler.prior_sample(y0, noise)
+
+    def model_input(self, x_t: torch.Tensor, timestep: int) -> torch.Tensor:
+        """x_t scaled as the scheduler scales it in training (arguments as in the base class)."""
+        return self.scheduler.scale_model_input(x_t, timestep)
 
     @torch.inference_mode()
     def predict_mean(
@@ -327,7 +371,7 @@ class ResidualShiftInferer(DiffusionSamplingInferer):
         scheduler = self.scheduler.to(y0.device)
         t = scheduler.num_train_timesteps - 1
         return torch.cat([
-            self.denoise(network, scheduler.scale_model_input(y0[b : b + 1], t), y0[b : b + 1], t,
+            self.denoise(network, self.model_input(y0[b : b + 1], t), y0[b : b + 1], t,
                          None if context is None else context[b : b + 1])
             for b in range(y0.shape[0])
         ])
@@ -338,43 +382,3 @@ class ResidualShiftInferer(DiffusionSamplingInferer):
         """The mean prediction in ``"mean"`` mode; ``None`` (the mean of the samples) in ``"sample"`` mode (arguments
         as in the base class)."""
         return self.predict_mean(inputs, network, context) if self.prediction == "mean" else None
-
-    def sample_one(
-        self, network: Callable, y0: torch.Tensor, context: torch.Tensor | None, generator: torch.Generator | None
-    ) -> torch.Tensor:
-        """x_T = y0 + kappa sqrt(eta_T) noise, then T posterior steps (ResShift Eq. 3) with the predicted x0."""
-        scheduler = self.scheduler.to(y0.device)
-        x_t = scheduler.prior_sample(y0, _randn(y0.shape, y0, generator))
-        for t in self._steps(scheduler.timesteps.tolist()):
-            x0_pred = self.denoise(network, scheduler.scale_model_input(x_t, t), y0, t, context)
-            x_t, _ = scheduler.step(x0_pred, t, x_t, generator)
-        return x_t
-
-
-class ConditionalDDPMInferer(DiffusionSamplingInferer):
-    """Conditional DDPM/DDIM sampling from pure noise with y0 concatenated (the paper's DM baseline).
-
-    The network is the same denoiser; it predicts what the scheduler's ``prediction_type`` says
-    (``"epsilon"`` by default: the noise, Ho et al. 2020).
-
-    Args:
-        scheduler: a MONAI ``DDPMScheduler`` (e.g. T = 1000) or ``DDIMScheduler`` (e.g. 50 steps).
-        num_inference_steps: reverse steps; ``None`` uses all ``num_train_timesteps``.
-        kwargs: see ``DiffusionSamplingInferer``.
-    """
-
-    def __init__(self, scheduler: Scheduler, num_inference_steps: int | None = None, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.scheduler = scheduler
-        self.num_inference_steps = num_inference_steps or scheduler.num_train_timesteps
-
-    def sample_one(
-        self, network: Callable, y0: torch.Tensor, context: torch.Tensor | None, generator: torch.Generator | None
-    ) -> torch.Tensor:
-        """x_T ~ N(0, I), then the scheduler's reverse steps with the network's prediction."""
-        self.scheduler.set_timesteps(self.num_inference_steps, device=y0.device)
-        x_t = _randn(y0.shape, y0, generator)
-        for t in self._steps(self.scheduler.timesteps.tolist()):
-            model_output = self.denoise(network, x_t, y0, int(t), context)
-            x_t, _ = self.scheduler.step(model_output, int(t), x_t, generator=generator)
-        return x_t

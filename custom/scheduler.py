@@ -65,10 +65,12 @@ def residual_shift_etas(
 class ResidualShiftScheduler(nn.Module):
     """Forward process, posterior step and prior of residual-shift diffusion; owns its buffers.
 
-    Mirrors MONAI's ``monai.networks.schedulers.Scheduler`` (an ``nn.Module`` whose buffers follow
-    ``.to(device)``, ``add_noise`` and ``step``), but MONAI's base class is built around a beta
-    schedule shrinking x0 towards zero, which cannot express a shift of x0 towards y0. Every
-    coefficient is computed in float64 and stored in float32.
+    Offers the protocol of MONAI's ``monai.networks.schedulers.Scheduler`` (an ``nn.Module`` whose
+    buffers follow ``.to(device)``; ``set_timesteps``, ``timesteps``, ``step``), so that one sampling
+    loop serves it and MONAI's DDPM; the forward process ``add_noise`` and the prior take y0 as an
+    extra argument. MONAI's base class is built around a beta schedule shrinking x0 towards zero,
+    which cannot express a shift of x0 towards y0. Every coefficient is computed in float64 and
+    stored in float32.
 
     Args:
         num_train_timesteps: number of diffusion steps T (CIResDiff uses 15); all T are used for sampling.
@@ -108,6 +110,24 @@ class ResidualShiftScheduler(nn.Module):
         self.register_buffer("posterior_variance", (kappa**2 * etas_prev / etas * alphas).float())
         # reverse order of the sampling loop: T-1, ..., 0
         self.register_buffer("timesteps", torch.arange(num_train_timesteps - 1, -1, -1))
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None) -> None:
+        """The reverse steps of sampling, T-1 down to 0, in ``timesteps`` (MONAI's scheduler protocol).
+
+        The posterior (ResShift Eq. 3) is defined between consecutive steps of the training
+        schedule, so sampling takes all T of them (ResShift and CIResDiff sample with T = 15).
+
+        Args:
+            num_inference_steps: must be T (or ``None``).
+            device: device of ``timesteps``.
+        """
+        if num_inference_steps not in (None, self.num_train_timesteps):
+            raise ValueError(
+                f"residual-shift sampling takes all {self.num_train_timesteps} training steps, "
+                f"got num_inference_steps={num_inference_steps}."
+            )
+        if device is not None:
+            self.timesteps = self.timesteps.to(device)
 
     @staticmethod
     def _per_sample(values: torch.Tensor, timesteps: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:

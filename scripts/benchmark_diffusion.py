@@ -37,7 +37,7 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from custom.engines import ResidualShiftPrepareBatch  # noqa: E402
-from custom.inferer import ConditionalDDPMInferer, DiffusionSamplingInferer, ResidualShiftInferer  # noqa: E402
+from custom.inferer import DiffusionSamplingInferer, ResidualShiftInferer  # noqa: E402
 from custom.networks import AttentionDiffusionUNet  # noqa: E402
 from custom.scheduler import ResidualShiftScheduler  # noqa: E402
 
@@ -198,8 +198,8 @@ def benchmark_sampling(args: argparse.Namespace, device: torch.device, amp: torc
     ddpm_measured = args.ddpm_measured_steps or None
     runs = {
         "residual shift (T = 15)": (ResidualShiftInferer(ResidualShiftScheduler(), **window), 15, None),
-        "DDIM (50 steps)": (ConditionalDDPMInferer(DDIMScheduler(1000), num_inference_steps=50, **window), 50, None),
-        "DDPM (T = 1000)": (ConditionalDDPMInferer(DDPMScheduler(1000), **window), 1000, ddpm_measured),
+        "DDIM (50 steps)": (DiffusionSamplingInferer(DDIMScheduler(1000), num_inference_steps=50, **window), 50, None),
+        "DDPM (T = 1000)": (DiffusionSamplingInferer(DDPMScheduler(1000), **window), 1000, ddpm_measured),
     }
     results = {}
     for name, (inferer, steps, measured) in runs.items():

@@ -7,7 +7,7 @@ import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
 from custom.engines import ResidualShiftPrepareBatch, WeightedMSELoss
-from custom.inferer import ConditionalDDPMInferer, ResidualShiftInferer, SamplingOutput
+from custom.inferer import DiffusionSamplingInferer, ResidualShiftInferer, SamplingOutput
 from custom.networks import AttentionDiffusionUNet
 from custom.scheduler import ResidualShiftScheduler
 
@@ -194,10 +194,10 @@ def test_ddpm_and_ddim_baselines_sample_the_whole_volume_from_noise():
     ddim = DDIMScheduler(num_train_timesteps=1000)
     oracle = _EpsilonOracle(ddim.alphas_cumprod)
     # with the true noise, deterministic DDIM ends exactly on x0, through the sliding windows
-    out = ConditionalDDPMInferer(ddim, num_inference_steps=10, roi_size=16, overlap=0.5)(y0, oracle)
+    out = DiffusionSamplingInferer(ddim, num_inference_steps=10, roi_size=16, overlap=0.5)(y0, oracle)
     assert torch.allclose(out, _true_x0(y0), atol=1e-4)
     net = _Pointwise()
-    ddpm = ConditionalDDPMInferer(DDPMScheduler(num_train_timesteps=1000), num_inference_steps=20, roi_size=16)
+    ddpm = DiffusionSamplingInferer(DDPMScheduler(num_train_timesteps=1000), num_inference_steps=20, roi_size=16)
     out = ddpm(y0, net)
     assert out.shape == y0.shape and torch.isfinite(out).all()
     # one call of both windows per step, the scheduler's 20 steps from the noisiest one down

@@ -122,3 +122,13 @@ def test_kappa_reaches_every_scheduler_user_from_one_config_value(bundle_root):
         parser.update({"bundle_root": str(bundle_root), "use_text": False})
         defaults.append(parser.get_parsed_content("scheduler").kappa)
     assert defaults == [ResidualShiftScheduler().kappa] * 2
+
+
+def test_set_timesteps_follows_monai_protocol_and_refuses_skipped_steps():
+    s = ResidualShiftScheduler(num_train_timesteps=15)
+    s.set_timesteps(15, device="cpu")
+    assert s.timesteps.tolist() == list(range(14, -1, -1))
+    s.set_timesteps()
+    assert len(s.timesteps) == 15
+    with pytest.raises(ValueError, match="all 15 training steps"):
+        s.set_timesteps(5)
