@@ -24,7 +24,7 @@ from pathlib import Path
 
 import fire
 
-from cirresdiff_bundle.runner import run_config
+from cirresdiff_bundle.runner import BUNDLE_ROOT, run_config
 
 USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError)
 """Exceptions that describe a problem with the user's input or set-up (``CTInputError`` is a ``ValueError``,
@@ -188,9 +188,9 @@ class Commands:
             print(export_program(program))
 
 
-ABLATIONS = {"DM": ["ablations/ddpm", "ablations/no_text"], "DM-CIP": ["ablations/ddpm"],
-             "DM-R": ["ablations/no_text"], "DM-R-CIP": []}
-"""Override files of each ablation on top of configs/train.json (DM-R-CIP is the full model)."""
+ABLATIONS: dict[str, list[str]] = json.loads((BUNDLE_ROOT / "configs" / "ablations" / "table.json").read_text())
+"""The paper's Table 1 rows: override files of each ablation on top of configs/train.json (DM-R-CIP is
+the full model), as listed in ``configs/ablations/table.json``."""
 
 
 def _ablation(name: str) -> list[str]:

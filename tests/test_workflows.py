@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from cirresdiff_bundle.cli import ABLATIONS
 from cirresdiff_bundle.runner import run_config
 
 GRID = 32
@@ -95,10 +96,7 @@ def test_training_writes_checkpoints_and_resumes(prepared, tmp_path):
     assert "was not written" in (gated / "model_not_written.txt").read_text(encoding="utf-8")
 
 
-ABLATIONS = [["ablations/ddpm", "ablations/no_text"], ["ablations/ddpm"], ["ablations/no_text"]]
-
-
-@pytest.mark.parametrize("ablation", ABLATIONS)
+@pytest.mark.parametrize("ablation", [files for files in ABLATIONS.values() if files])
 def test_every_ablation_trains_and_evaluates(prepared, tmp_path, ablation):
     out = tmp_path / "run"
     overrides = _train_overrides(prepared, out, val_interval=5, num_sampling_steps=2)
@@ -110,6 +108,25 @@ def test_every_ablation_trains_and_evaluates(prepared, tmp_path, ablation):
     rows = list(csv.DictReader(open(out / "eval" / "metrics.csv", encoding="utf-8")))
     assert [r["patient"] for r in rows] == ["P6", "P7"]
     assert all(np.isfinite(float(r["model_psnr_lungs"])) for r in rows)
+
+
+def test_ablation_table_names_the_papers_four_rows_and_existing_override_files(bundle_root):
+    assert set(ABLATIONS) == {"DM", "DM-CIP", "DM-R", "DM-R-CIP"} and ABLATIONS["DM-R-CIP"] == []
+    assert all((bundle_root / "configs" / f"{f}.json").is_file() for files in ABLATIONS.values() for f in files)
+
+
+def test_init_weights_starts_training_from_saved_weights(bundle_root, tmp_path):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle_root / "configs" / "train.json"))
+    parser.get_parsed_content("imports")
+    fresh = parser.get_parsed_content("network_def", instantiate=True)
+    state = {k: torch.full_like(v, 0.5) if v.is_floating_point() else v for k, v in fresh.state_dict().items()}
+    torch.save(state, tmp_path / "init.pt")
+    parser["init_weights"] = str(tmp_path / "init.pt")
+    network = parser.get_parsed_content("network", lazy=False)
+    assert all(torch.equal(network.state_dict()[k].cpu(), v) for k, v in state.items())
 
 
 def test_paper_scale_override_builds_the_paper_sized_network_and_windows(bundle_root):
