@@ -203,30 +203,12 @@ class ResidualShiftPrepareBatch(DiffusionPrepareBatch):
 
     Args:
         scheduler: the ``ResidualShiftScheduler`` that owns the eta schedule.
-        text_encoder: see ``ConditionalPrepareBatch``.
-        image_key: batch key of the initial scan y0.
-        target_key: batch key of the follow-up scan x0.
-        text_key: batch key of the lung-function texts.
         mean_fraction: probability that a patch trains the mean predictor instead of a random step.
-        lungs_key: see ``DiffusionPrepareBatch``.
-        region_key: see ``DiffusionPrepareBatch``.
-        outside_lung_weight: see ``loss_weight``.
+        kwargs: the batch keys, text encoder and loss weighting of ``DiffusionPrepareBatch``.
     """
 
-    def __init__(
-        self,
-        scheduler: torch.nn.Module,
-        text_encoder: TextEncoder | None = None,
-        image_key: str = "image",
-        target_key: str = "target",
-        text_key: str = "text",
-        mean_fraction: float = 0.0,
-        lungs_key: str | None = None,
-        region_key: str = "mask",
-        outside_lung_weight: float = 0.1,
-    ) -> None:
-        super().__init__(scheduler, text_encoder, image_key, target_key, text_key, lungs_key, region_key,
-                         outside_lung_weight)
+    def __init__(self, scheduler: torch.nn.Module, mean_fraction: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(scheduler, **kwargs)
         if not 0.0 <= mean_fraction <= 1.0:
             raise ValueError(f"mean_fraction must be in [0, 1], got {mean_fraction}.")
         self.mean_fraction = float(mean_fraction)
