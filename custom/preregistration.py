@@ -5,11 +5,14 @@ register each follow-up lung to the initial one (ANTs affine) and merge, then cu
 lung region out on the model grid (``custom.grid``: isotropic voxels, fixed size) centred on it,
 and map HU to [0, 1].
 
-The transforms read top to bottom in ``configs/prepare.json``:
+The transforms read top to bottom in the configs:
 
-- preparation: ``LoadCTd`` -> ``SegmentLungsd`` -> ``DilateMaskd`` -> ``RegisterLungsd`` ->
-  ``ResampleToGridd`` -> ``NormalizeHUd``;
-- inference preprocessing (initial scan only): the same without ``RegisterLungsd``.
+- preparation (``configs/prepare.json``): ``LoadCTd`` -> ``SegmentLungsd`` -> ``DilateMaskd`` ->
+  ``RegisterLungsd`` -> ``ResampleToGridd`` -> ``NormalizeHUd``;
+- inference preprocessing (``configs/inference.json``, initial scan only): the same without ``RegisterLungsd``.
+
+The geometry and intensity helpers they use (resampling, affines, HU <-> [0, 1]) live in
+``custom.geometry``, the QC picture in ``custom.figures``.
 
 Everything stays in the initial scan's physical (RAS) frame: the output grid is axis-aligned and
 its affine places it where the lungs are in the initial scan.
@@ -31,13 +34,14 @@ import numpy as np
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.transforms import Compose, MapTransform
-from scipy import ndimage
 
 from custom.constants import AIR_HU, HU_WINDOW
+from custom.figures import qc_figure
+from custom.geometry import as_meta, normalize_hu, resample, voxel_spacing
 from custom.grid import Grid, as_grid
-from custom.io import CTInputError, atomic_folder, check_output_dir, load_ct, write_json, write_nifti, write_png
+from custom.io import CTInputError, atomic_folder, check_output_dir, load_ct, write_json, write_nifti
 from custom.registration import register_pair
-from custom.segmentation import dilate_mm, segment_lungs, voxel_spacing
+from custom.segmentation import dilate_mm, segment_lungs
 from custom.text import read_lung_function
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
@@ -50,87 +54,6 @@ lung region the model predicts; ``lungs`` the undilated lung labels of the initi
 
 REFERENCE_FILES = {"oracle": "oracle.nii.gz", "new_lesions": "new_lesions.nii.gz"}
 """Extra files of a prepared synthetic case (``add_references``): the oracle follow-up and the new lesions."""
-
-
-def normalize_hu(hu: np.ndarray, mode: str = "window", window: Sequence[float] = HU_WINDOW,
-                 region: np.ndarray | None = None) -> np.ndarray:
-    """Map HU to [0, 1]: a fixed window, or min-max of the scan (inside ``region`` when given).
-
-    Args:
-        hu: Hounsfield units (scanner padding already clipped by ``custom.io.check_ct``).
-        mode: ``"window"`` or ``"minmax"``.
-        window: (low, high) HU of the fixed window.
-        region: voxels whose range defines min-max.
-    """
-    if mode == "window":
-        low, high = window
-    elif mode == "minmax":
-        values = hu[region] if region is not None and region.any() else hu
-        low, high = float(values.min()), float(values.max())
-    else:
-        raise ValueError(f"unknown normalization {mode!r}: use 'window' or 'minmax'")
-    return np.clip((hu - low) / max(high - low, 1e-6), 0.0, 1.0).astype(np.float32)
-
-
-def denormalize(values: np.ndarray, window: Sequence[float] = HU_WINDOW) -> np.ndarray:
-    """Inverse of the fixed-window normalisation: [0, 1] back to HU.
-
-    Args:
-        values: intensities in [0, 1].
-        window: (low, high) HU of the fixed window.
-    """
-    low, high = window
-    return values * (high - low) + low
-
-
-def resample(array: np.ndarray, source_affine: np.ndarray, target_affine: np.ndarray, shape: Sequence[int],
-             order: int, fill: float, antialias: bool = False) -> np.ndarray:
-    """Resample ``array`` onto another grid by physical position.
-
-    Args:
-        array: source voxels (x, y, z).
-        source_affine: its RAS affine.
-        target_affine: RAS affine of the target grid.
-        shape: target grid size.
-        order: interpolation order (0 nearest, 1 linear).
-        fill: value outside the source.
-        antialias: low-pass the source first where the target is coarser (Gaussian, sigma = (ratio - 1) / 2
-            source voxels, as MONAI's ``Resize``), so a 2 mm grid shows the same image whatever the scan's
-            spacing; only the part of the source the target covers is filtered.
-    """
-    mapping = np.linalg.inv(source_affine) @ target_affine
-    shape = tuple(int(s) for s in shape)
-    source = np.asarray(array, dtype=np.float32)
-    if antialias:
-        ratio = np.linalg.norm(mapping[:3, :3], axis=1)  # target voxels per source voxel, per source axis
-        sigma = np.maximum((ratio - 1.0) / 2.0, 0.0)
-        if sigma.max() > 0.1:
-            corners = np.array(np.meshgrid(*[(-0.5, n - 0.5) for n in shape], indexing="ij")).reshape(3, -1).T
-            reach = corners @ mapping[:3, :3].T + mapping[:3, 3]
-            pad = np.ceil(4 * sigma).astype(int) + 2
-            lo = np.clip(np.floor(reach.min(0)).astype(int) - pad, 0, source.shape)
-            hi = np.clip(np.ceil(reach.max(0)).astype(int) + pad + 1, 0, source.shape)
-            if np.all(hi > lo):
-                source = ndimage.gaussian_filter(source[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], sigma, mode="nearest")
-                mapping = mapping.copy()
-                mapping[:3, 3] -= lo
-    return ndimage.affine_transform(source, mapping[:3, :3], offset=mapping[:3, 3], output_shape=shape, order=order,
-                                    mode="constant", cval=fill)
-
-
-def as_meta(array: np.ndarray, affine: np.ndarray, meta: Mapping | None = None) -> MetaTensor:
-    """A channel-first MetaTensor (1, x, y, z) with an affine and optional extra metadata.
-
-    Args:
-        array: voxel data (x, y, z).
-        affine: voxel-to-RAS affine.
-        meta: metadata to copy (geometry entries are replaced).
-    """
-    out = MetaTensor(np.asarray(array)[None], affine=np.asarray(affine, dtype=np.float64))
-    if meta is not None:
-        out.meta.update({k: v for k, v in meta.items() if k not in ("affine", "original_affine", "spatial_shape")})
-    out.meta["spatial_shape"] = np.asarray(array.shape)
-    return out
 
 
 def _source_name(image: MetaTensor, key: Hashable) -> str:
@@ -189,11 +112,11 @@ class DilateMaskd(MapTransform):
 
     Args:
         keys: keys of lung label maps.
-        margin_mm: dilation radius in mm.
+        margin_mm: dilation radius in mm (the config's ``margin_mm``, shared with ``RegisterLungsd``).
         output_key: key of the dilated union of all labels.
     """
 
-    def __init__(self, keys: Sequence[Hashable] | Hashable, margin_mm: float = 10.0, output_key: str = "mask") -> None:
+    def __init__(self, keys: Sequence[Hashable] | Hashable, margin_mm: float, output_key: str = "mask") -> None:
         super().__init__(keys)
         self.margin_mm, self.output_key = float(margin_mm), output_key
 
@@ -213,17 +136,20 @@ class RegisterLungsd(MapTransform):
     ``<moving_key>_unregistered`` (the follow-up resampled without registration, for the QC
     figure) and ``registration`` (per-lung transforms and QC metrics).
 
+    The merged region must be ``DilateMaskd``'s region, or the target would hold air where the
+    mask says lung region: both take the config's one ``margin_mm`` and neither has a default.
+
     Args:
+        margin_mm: dilation of each initial lung defining its region in the merge.
         fixed_key: key of the initial scan (its lungs under ``<fixed_key>_lungs``).
         moving_key: key of the follow-up scan (its lungs under ``<moving_key>_lungs``).
-        margin_mm: dilation of each initial lung defining its region in the merge.
         metric_margin_mm: dilation of the initial lung mask restricting the registration metric.
         registration_spacing_mm: isotropic voxel size the registration works at (applied at full resolution).
         transform_type: ANTs linear transform, ``"Affine"``, ``"Similarity"`` or ``"Rigid"``.
         seed: positive seed of ANTs' random sampling.
     """
 
-    def __init__(self, fixed_key: str = "image", moving_key: str = "target", margin_mm: float = 10.0,
+    def __init__(self, margin_mm: float, fixed_key: str = "image", moving_key: str = "target",
                  metric_margin_mm: float = 3.0, registration_spacing_mm: float = 3.0, transform_type: str = "Affine",
                  seed: int = 1) -> None:
         super().__init__([fixed_key, moving_key])
@@ -348,54 +274,6 @@ def preparation_chain(**overrides) -> Compose:
         overrides: config ids of ``prepare.json`` and their values (``grid``, ``segmenter``, ``normalization``, ...).
     """
     return prepare_config(**overrides).get_parsed_content("preparation")
-
-
-def qc_figure(
-    path: Path, initial: np.ndarray, before: np.ndarray, after: np.ndarray, mask: np.ndarray, title: str
-) -> None:
-    """Registration QC picture: initial, follow-up before and after, checkerboard; three orthogonal planes.
-
-    Args:
-        path: destination PNG (written atomically).
-        initial: prepared initial scan in [0, 1].
-        before: follow-up on the same grid without registration.
-        after: follow-up after per-lung registration.
-        mask: region mask (its outline is drawn, and its centre chooses the slices).
-        title: figure title.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    centre = [int(round(c)) for c in ndimage.center_of_mass(mask > 0)]
-    # The sagittal midline cuts the mediastinum; cut through the centre of the right lung (lower x) instead.
-    centre[0] = int(round(ndimage.center_of_mass(mask[: centre[0]] > 0)[0]))
-    tile = max(4, min(initial.shape) // 8)
-    # Broadcast 1-D tile indices: np.indices of a 512 x 512 x 256 grid alone is 1.6 GB and ~10 s.
-    checker = (sum(np.arange(n).reshape([-1 if a == axis else 1 for a in range(3)]) // tile
-                   for axis, n in enumerate(initial.shape)) % 2).astype(bool)
-    columns = [("initial", initial), ("follow-up, unregistered", before), ("follow-up, registered", after),
-               ("checkerboard initial / registered", np.where(checker, initial, after))]
-    planes = [(lambda v: np.rot90(v[:, :, centre[2]]), "axial"), (lambda v: np.rot90(v[:, centre[1], :]), "coronal"),
-              (lambda v: np.rot90(v[centre[0], :, :]), "sagittal")]
-    fig, axes = plt.subplots(3, 4, figsize=(12, 9), layout="constrained")
-    try:
-        for row, (cut, plane) in enumerate(planes):
-            for col, (name, volume) in enumerate(columns):
-                ax = axes[row, col]
-                ax.imshow(cut(volume), cmap="gray", vmin=0.0, vmax=1.0)
-                ax.contour(cut(mask > 0).astype(float), levels=[0.5], colors="yellow", linewidths=0.5)
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if row == 0:
-                    ax.set_title(name, fontsize=9)
-                if col == 0:
-                    ax.set_ylabel(plane)
-        fig.suptitle(title, fontsize=10)
-        write_png(path, fig)
-    finally:
-        plt.close(fig)
 
 
 class RegistrationQCError(ValueError):

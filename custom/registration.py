@@ -46,8 +46,9 @@ import numpy as np  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
 from custom.constants import AIR_HU, LUNG_LABELS  # noqa: E402
+from custom.geometry import voxel_spacing  # noqa: E402
 from custom.io import LPS_TO_RAS  # noqa: E402
-from custom.segmentation import bounding_box, dilate_mm, expand_box, voxel_spacing  # noqa: E402
+from custom.segmentation import bounding_box, dilate_mm, expand_box  # noqa: E402
 
 SEARCH_MARGIN_MM = 30.0
 """The follow-up is cut this far around its lung: after the centroid start, the rest of an 8-degree
@@ -380,7 +381,7 @@ def register_pair(
     followup: np.ndarray,
     affine_followup: np.ndarray,
     followup_labels: np.ndarray,
-    margin_mm: float = 10.0,
+    margin_mm: float,
     metric_margin_mm: float = 3.0,
     registration_spacing_mm: float = 3.0,
     transform_type: str = "Affine",

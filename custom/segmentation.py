@@ -22,6 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from custom.constants import LEFT_LUNG, RIGHT_LUNG
+from custom.geometry import voxel_spacing
 from custom.io import CTInputError, write_json
 
 LUNG_HU = -400.0
@@ -36,11 +37,6 @@ POOLED_MIN_MATRIX = 384
 """Scans with fewer pixels across are segmented at their own resolution."""
 AIRWAY_HU = -940.0
 """Airway lumen is nearly pure air; aerated lung parenchyma lies around -850 HU."""
-
-
-def voxel_spacing(affine: np.ndarray) -> np.ndarray:
-    """Voxel size in mm along each array axis."""
-    return np.linalg.norm(affine[:3, :3], axis=0)
 
 
 def ball(radius_mm: float, spacing: np.ndarray) -> np.ndarray:

@@ -15,15 +15,14 @@ from monai.bundle import ConfigParser
 
 from cirresdiff_bundle.cli import main
 from custom.constants import HU_WINDOW
+from custom.geometry import normalize_hu, resample
 from custom.grid import GRIDS
 from custom.io import CTInputError, load_ct
 from custom.preregistration import (
     PairPreparer,
     RegistrationQCError,
-    normalize_hu,
     preparation_chain,
     prepare_cohort,
-    resample,
 )
 from custom.synthetic import SMALL_BODY_SCALE, generate_cohort
 from custom.text import read_lung_function

@@ -14,6 +14,7 @@ from scipy.spatial.transform import Rotation
 import custom.registration
 from custom.constants import LEFT_LUNG, LUNG_LABELS, RIGHT_LUNG
 from custom.io import load_ct
+from custom.preregistration import prepare_config
 from custom.registration import (
     RegistrationError,
     ants_seed,
@@ -31,6 +32,8 @@ from custom.registration import (
 from custom.segmentation import segment_lungs
 from custom.synthetic import SMALL_BODY_SCALE, ChestPhantom, generate_cohort, voxel_grid
 
+MARGIN_MM = float(prepare_config()["margin_mm"])
+"""The pipeline's dilation of each lung (``configs/prepare.json``)."""
 MOTION_DEGREES = 8.0
 """Rotation of the large-motion pair about the body axis, through the centre of the volume (not of a lung)."""
 
@@ -74,14 +77,14 @@ def large_motion() -> dict:
     inverse = np.linalg.inv(truth).astype(np.float32)
     followup, _, _ = phantom.render(pts @ inverse[:3, :3].T + inverse[:3, 3], 0.15, rng)
     segmented = [segment_lungs(scan, affine) for scan in (initial, followup)]
-    result = register_pair(initial, affine, segmented[0], followup, affine, segmented[1])
+    result = register_pair(initial, affine, segmented[0], followup, affine, segmented[1], MARGIN_MM)
     return {"affine": affine, "labels": labels, "truth": truth, "result": result}
 
 
 @pytest.fixture(scope="module")
 def registered(pair: dict) -> dict:
     keys = ("initial", "affine_initial", "initial_labels", "followup", "affine_followup", "followup_labels")
-    return register_pair(*(pair[k] for k in keys), margin_mm=10.0, seed=1)
+    return register_pair(*(pair[k] for k in keys), margin_mm=MARGIN_MM, seed=1)
 
 
 def apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -136,7 +139,7 @@ def test_merged_region_and_values(pair: dict, registered: dict) -> None:
 
 def test_same_inputs_identical_outputs(pair: dict, registered: dict) -> None:
     keys = ("initial", "affine_initial", "initial_labels", "followup", "affine_followup", "followup_labels")
-    again = register_pair(*(pair[k] for k in keys), margin_mm=10.0, seed=1)
+    again = register_pair(*(pair[k] for k in keys), margin_mm=MARGIN_MM, seed=1)
     assert again["transforms"] == registered["transforms"]
     np.testing.assert_array_equal(again["aligned"], registered["aligned"])
 

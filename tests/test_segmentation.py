@@ -13,11 +13,14 @@ import pytest
 
 from custom import segmentation
 from custom.constants import LEFT_LUNG, LESION_LABELS, RIGHT_LUNG
+from custom.geometry import voxel_spacing
 from custom.io import CTInputError, check_ct, load_ct
-from custom.segmentation import dilate_mm, segment_lungs, voxel_spacing
+from custom.preregistration import prepare_config
+from custom.segmentation import dilate_mm, segment_lungs
 from custom.synthetic import SMALL_BODY_SCALE, generate_cohort
 
-MARGIN_MM = 10.0
+MARGIN_MM = float(prepare_config()["margin_mm"])
+"""The pipeline's dilation of the lungs (``configs/prepare.json``)."""
 
 
 @pytest.fixture(scope="module")
