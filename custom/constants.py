@@ -16,3 +16,7 @@ HU_WINDOW = (-1000.0, 200.0)
 
 AIR_HU = -1000.0
 """Value used to pad CT volumes outside the field of view after resampling."""
+
+REGION_MARGIN_MM = 10.0
+"""Dilation of the lungs into the region the model predicts (CIResDiff Sec. 2.1: the lungs plus a
+margin for the pleura and motion); preparation and inference read it from here."""

@@ -35,7 +35,7 @@ from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.transforms import Compose, MapTransform
 
-from custom.constants import AIR_HU, HU_WINDOW
+from custom.constants import AIR_HU, HU_WINDOW, REGION_MARGIN_MM
 from custom.figures import qc_figure
 from custom.geometry import as_meta, normalize_hu, resample, voxel_spacing
 from custom.grid import Grid, as_grid
@@ -112,11 +112,12 @@ class DilateMaskd(MapTransform):
 
     Args:
         keys: keys of lung label maps.
-        margin_mm: dilation radius in mm (the config's ``margin_mm``, shared with ``RegisterLungsd``).
+        margin_mm: dilation radius in mm (``REGION_MARGIN_MM``, shared with ``RegisterLungsd``).
         output_key: key of the dilated union of all labels.
     """
 
-    def __init__(self, keys: Sequence[Hashable] | Hashable, margin_mm: float, output_key: str = "mask") -> None:
+    def __init__(self, keys: Sequence[Hashable] | Hashable, margin_mm: float = REGION_MARGIN_MM,
+                 output_key: str = "mask") -> None:
         super().__init__(keys)
         self.margin_mm, self.output_key = float(margin_mm), output_key
 
@@ -137,19 +138,20 @@ class RegisterLungsd(MapTransform):
     figure) and ``registration`` (per-lung transforms and QC metrics).
 
     The merged region must be ``DilateMaskd``'s region, or the target would hold air where the
-    mask says lung region: both take the config's one ``margin_mm`` and neither has a default.
+    mask says lung region: both default to ``custom.constants.REGION_MARGIN_MM``, which preparation and
+    inference share.
 
     Args:
-        margin_mm: dilation of each initial lung defining its region in the merge.
         fixed_key: key of the initial scan (its lungs under ``<fixed_key>_lungs``).
         moving_key: key of the follow-up scan (its lungs under ``<moving_key>_lungs``).
+        margin_mm: dilation of each initial lung defining its region in the merge.
         metric_margin_mm: dilation of the initial lung mask restricting the registration metric.
         registration_spacing_mm: isotropic voxel size the registration works at (applied at full resolution).
         transform_type: ANTs linear transform, ``"Affine"``, ``"Similarity"`` or ``"Rigid"``.
         seed: positive seed of ANTs' random sampling.
     """
 
-    def __init__(self, margin_mm: float, fixed_key: str = "image", moving_key: str = "target",
+    def __init__(self, fixed_key: str = "image", moving_key: str = "target", margin_mm: float = REGION_MARGIN_MM,
                  metric_margin_mm: float = 3.0, registration_spacing_mm: float = 3.0, transform_type: str = "Affine",
                  seed: int = 1) -> None:
         super().__init__([fixed_key, moving_key])

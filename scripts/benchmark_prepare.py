@@ -27,14 +27,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from custom.constants import LESION_LABELS, LUNG_LABELS  # noqa: E402
+from custom.constants import LESION_LABELS, LUNG_LABELS, REGION_MARGIN_MM  # noqa: E402
 from custom.geometry import normalize_hu, voxel_spacing  # noqa: E402
 from custom.io import load_ct  # noqa: E402
-from custom.preregistration import PairPreparer, preparation_chain, prepare_config  # noqa: E402
+from custom.preregistration import PairPreparer, preparation_chain  # noqa: E402
 from custom.segmentation import check_totalsegmentator, dilate_mm, segment_lungs  # noqa: E402
 from custom.synthetic import generate_cohort  # noqa: E402
 
-MARGIN_MM = float(prepare_config()["margin_mm"])
+MARGIN_MM = REGION_MARGIN_MM
 """The pipeline's dilation of the lungs (``configs/prepare.json``)."""
 
 

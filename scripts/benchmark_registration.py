@@ -34,9 +34,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from custom.constants import LUNG_LABELS  # noqa: E402
+from custom.constants import LUNG_LABELS, REGION_MARGIN_MM  # noqa: E402
 from custom.io import load_ct, write_json, write_nifti  # noqa: E402
-from custom.preregistration import prepare_config  # noqa: E402
 from custom.registration import register_pair  # noqa: E402
 from custom.segmentation import segment_lungs  # noqa: E402
 from custom.synthetic import ChestPhantom, patient_rng, piecewise_inverse_map, sample_patient, voxel_grid  # noqa: E402
@@ -284,11 +283,11 @@ def main() -> None:
     parser.add_argument("--spacing", default="1.3,1.3,2.0", help="voxel size of the rendered scans, mm")
     parser.add_argument("--work", type=Path, default=None, help="folder caching the pairs (default: a temporary one)")
     parser.add_argument("--registration", default="{}",
-                        help="JSON keyword arguments of register_pair (margin_mm: prepare.json's unless given)")
+                        help="JSON keyword arguments of register_pair (margin_mm: REGION_MARGIN_MM unless given)")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the results")
     args = parser.parse_args()
     spacing = np.array([float(s) for s in args.spacing.split(",")])
-    options = {"margin_mm": prepare_config()["margin_mm"], **json.loads(args.registration)}
+    options = {"margin_mm": REGION_MARGIN_MM, **json.loads(args.registration)}
     with tempfile.TemporaryDirectory(prefix="cirresdiff_regbench_") as tmp:
         work = args.work or Path(tmp)
         rows = []

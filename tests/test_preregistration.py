@@ -107,7 +107,7 @@ def test_shipped_configs_prepare_and_infer_alike() -> None:
     """The settings the model's input depends on are the same in preparation and inference."""
     prepare, inference = (json.loads((BUNDLE_ROOT / "configs" / f"{n}.json").read_text(encoding="utf-8"))
                           for n in ("prepare", "inference"))
-    for key in ("grid", "normalization", "margin_mm", "segmenter", "totalsegmentator_fast"):
+    for key in ("grid", "normalization", "segmenter", "totalsegmentator_fast"):
         assert prepare[key] == inference[key], key
 
 

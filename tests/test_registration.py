@@ -12,9 +12,8 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 import custom.registration
-from custom.constants import LEFT_LUNG, LUNG_LABELS, RIGHT_LUNG
+from custom.constants import LEFT_LUNG, LUNG_LABELS, REGION_MARGIN_MM, RIGHT_LUNG
 from custom.io import load_ct
-from custom.preregistration import prepare_config
 from custom.registration import (
     RegistrationError,
     ants_seed,
@@ -32,7 +31,7 @@ from custom.registration import (
 from custom.segmentation import segment_lungs
 from custom.synthetic import SMALL_BODY_SCALE, ChestPhantom, generate_cohort, voxel_grid
 
-MARGIN_MM = float(prepare_config()["margin_mm"])
+MARGIN_MM = REGION_MARGIN_MM
 """The pipeline's dilation of each lung (``configs/prepare.json``)."""
 MOTION_DEGREES = 8.0
 """Rotation of the large-motion pair about the body axis, through the centre of the volume (not of a lung)."""

@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 
 from custom import segmentation
-from custom.constants import LEFT_LUNG, LESION_LABELS, RIGHT_LUNG
+from custom.constants import LEFT_LUNG, LESION_LABELS, REGION_MARGIN_MM, RIGHT_LUNG
 from custom.geometry import voxel_spacing
 from custom.io import CTInputError, check_ct, load_ct
-from custom.preregistration import prepare_config
 from custom.segmentation import dilate_mm, segment_lungs
 from custom.synthetic import SMALL_BODY_SCALE, generate_cohort
 
-MARGIN_MM = float(prepare_config()["margin_mm"])
+MARGIN_MM = REGION_MARGIN_MM
 """The pipeline's dilation of the lungs (``configs/prepare.json``)."""
 
 
