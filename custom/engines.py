@@ -16,14 +16,13 @@ the loss stay MONAI's own. This is the one training step of the bundle, with one
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from monai.engines.utils import PrepareBatch
 from monai.utils import convert_to_tensor
 
-TextEncoder = Callable[[Sequence[str]], torch.Tensor]
+from custom.clinical.encoder import EncodeTexts
 
 
 def plain_tensor(value: Any, device: torch.device | str | None = None, non_blocking: bool = False) -> torch.Tensor:
@@ -55,7 +54,7 @@ class ConditionalPrepareBatch(PrepareBatch):
 
     def __init__(
         self,
-        text_encoder: TextEncoder | None = None,
+        text_encoder: EncodeTexts | None = None,
         image_key: str = "image",
         target_key: str = "target",
         text_key: str = "text",
@@ -136,7 +135,7 @@ class DiffusionPrepareBatch(ConditionalPrepareBatch):
     def __init__(
         self,
         scheduler: torch.nn.Module,
-        text_encoder: TextEncoder | None = None,
+        text_encoder: EncodeTexts | None = None,
         image_key: str = "image",
         target_key: str = "target",
         text_key: str = "text",

@@ -19,11 +19,11 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from custom.classifier import pair_input
+from custom.clinical.text import read_lung_function
 from custom.constants import HU_WINDOW
 from custom.figures import save_comparison_figure
 from custom.geometry import denormalize, resample
 from custom.io import check_output_dir, write_json, write_nifti
-from custom.text import read_lung_function
 
 logger = logging.getLogger(__name__)
 

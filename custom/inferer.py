@@ -34,10 +34,9 @@ from monai.inferers import Inferer, SlidingWindowInferer
 from monai.utils import ensure_tuple_rep
 from tqdm.auto import tqdm
 
+from custom.clinical.encoder import EncodeTexts
 from custom.engines import plain_tensor
 from custom.scheduler import ResidualShiftScheduler
-
-TextEncoder = Callable[[Sequence[str]], torch.Tensor]
 
 
 @dataclass
@@ -140,7 +139,7 @@ class DiffusionSamplingInferer(Inferer):
         sigma_scale: float = 0.125,
         num_samples: int = 1,
         return_uncertainty: bool = False,
-        text_encoder: TextEncoder | None = None,
+        text_encoder: EncodeTexts | None = None,
         default_text: str | None = None,
         progress: bool = False,
         seed: int | None = 0,

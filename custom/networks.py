@@ -3,7 +3,7 @@
 Encoder and decoder levels are MONAI's timestep-conditioned residual blocks
 (``DiffusionUNetResnetBlock``); the skip connections pass through additive attention gates
 (Oktay et al., "Attention U-Net", MIDL 2018, Eq. 1-2) driven by the coarser decoder features;
-coarse levels optionally fuse the lung-function text features (``custom.fusion``), and the
+coarse levels optionally fuse the lung-function text features (``custom.clinical.fusion``), and the
 bottleneck has self-attention. The input is ``[x_t, y0]`` (2 channels), the output one channel:
 the predicted follow-up x0 (residual shift) or the noise (DDPM baseline).
 """
@@ -19,7 +19,7 @@ from monai.networks.nets.diffusion_model_unet import DiffusionUNetResnetBlock, g
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from custom.fusion import build_fusion
+from custom.clinical.fusion import build_fusion
 
 
 class AttentionGate(nn.Module):
@@ -92,7 +92,7 @@ class AttentionDiffusionUNet(nn.Module):
         num_head_channels: channels per attention head of the bottleneck self-attention and fusion.
         with_conditioning: build the text-fusion blocks.
         context_dim: width of the text token features.
-        fusion_mode: ``"standard"`` or ``"paper"`` (see ``custom.fusion``).
+        fusion_mode: ``"standard"`` or ``"paper"`` (see ``custom.clinical.fusion``).
         bottleneck_attention: self-attention over the voxels of the coarsest level (global
             context across the lungs at 1/8 resolution, cheap there: 12^3 tokens for a 96^3 patch).
         use_checkpointing: recompute each level's activations in the backward pass to save memory.

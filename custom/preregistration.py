@@ -35,6 +35,7 @@ from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.transforms import Compose, MapTransform
 
+from custom.clinical.text import read_lung_function
 from custom.constants import AIR_HU, HU_WINDOW, REGION_MARGIN_MM
 from custom.figures import qc_figure
 from custom.geometry import as_meta, normalize_hu, resample, voxel_spacing
@@ -42,7 +43,6 @@ from custom.grid import Grid, as_grid
 from custom.io import CTInputError, atomic_folder, check_output_dir, load_ct, write_json, write_nifti
 from custom.registration import register_pair
 from custom.segmentation import dilate_mm, segment_lungs
-from custom.text import read_lung_function
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 """The bundle folder (its ``configs/`` holds ``prepare.json``)."""

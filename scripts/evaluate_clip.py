@@ -7,7 +7,7 @@
   ``--all-cases`` every case of another prepared cohort, e.g. a new seed): for each record's text,
   the rank of its own patient's image among all those images; top-1 and top-5 accuracy and the
   median rank against chance, and permutation p-values against random pairings
-  (``custom.clip.retrieval_report``);
+  (``custom.clinical.pretraining.retrieval_report``);
 - number sensitivity: cosine distance between the text embeddings of records that differ only in
   FVC (2000 vs 3000 ml), % predicted (50 vs 90) or DLCO (30 vs 80 %), for the untrained encoder
   and the pre-trained one (a general text encoder barely separates them; pre-training must);
@@ -32,10 +32,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cirresdiff_bundle.runner import BUNDLE_ROOT  # noqa: E402
-from custom.clip import CLIPModel, retrieval_report  # noqa: E402
+from custom.clinical.pretraining import CLIPModel, retrieval_report  # noqa: E402
+from custom.clinical.text import record_to_text  # noqa: E402
 from custom.data import DatasetSplit  # noqa: E402
 from custom.io import write_json  # noqa: E402
-from custom.text import record_to_text  # noqa: E402
 
 DENSE = 0.2
 """Lesion density threshold of the reference, in the [0, 1] HU window (-760 HU)."""

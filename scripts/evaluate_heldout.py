@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--override", action="append", default=[], help="inference config id=JSON value")
     args = parser.parse_args()
 
-    from custom.text import record_to_text
+    from custom.clinical.text import record_to_text
 
     content = read_datalist(args.datalist or args.prepared / "datalist.json")
     entries = [e for section in ("training", "validation", "testing") for e in content.get(section, [])][: args.limit]

@@ -36,7 +36,7 @@ BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 
 def score(kappa: float, ckpt_dir: Path, cases: list[dict], seed: int) -> dict:
     """Lung-PSNR gains over identity of the mean, one sample and f(x_t, y0, t) at every t, on ``cases``."""
-    from custom.text import record_to_text
+    from custom.clinical.text import record_to_text
 
     network, inferer, text_encoder = build(ckpt_dir, {"scheduler#kappa": kappa,
                                                       "model_path": str(ckpt_dir / "model.pt")})

@@ -23,12 +23,12 @@ from monai.data import MetaTensor
 
 from cirresdiff_bundle.runner import run_config
 from custom.checkpoints import load_network_weights, safe_load
+from custom.clinical.text import RecordError, read_lung_function, record_to_text
 from custom.data import DatasetSplit, read_datalist
 from custom.io import CTInputError, OutputDirError, check_output_dir, load_ct
 from custom.preregistration import ResampleToGridd
 from custom.segmentation import segment_lungs
 from custom.synthetic import SMALL_BODY_SCALE, generate_cohort
-from custom.text import RecordError, read_lung_function, record_to_text
 
 RECORD = {"FVC": 2300, "Percent": 62.0, "Age": 71, "Sex": "Male", "SmokingStatus": "Ex-smoker"}
 
@@ -274,7 +274,7 @@ def checkpoint_missing(patient, work):
 
 
 def text_encoder_missing(patient, work):
-    from custom.clip import FrozenTextEncoder
+    from custom.clinical.encoder import FrozenTextEncoder
 
     return lambda: FrozenTextEncoder(f"./{work.name}/text_encoder")
 

@@ -12,19 +12,18 @@ import pytest
 import torch
 
 from cirresdiff_bundle.runner import BUNDLE_ROOT
-from custom.clip import (
+from custom.clinical.encoder import FrozenTextEncoder, TextEncoder
+from custom.clinical.fusion import build_fusion
+from custom.clinical.pretraining import (
     BatchNormRecalibration,
     CLIPModel,
-    FrozenTextEncoder,
     SymmetricContrastiveLoss,
-    TextEncoder,
     pretraining_cases,
     retrieval_report,
 )
+from custom.clinical.text import LungFunctionTextd, RecordError, build_tokenizer, record_to_text
 from custom.data import DatasetSplit
-from custom.fusion import build_fusion
 from custom.networks import AttentionDiffusionUNet
-from custom.text import LungFunctionTextd, RecordError, build_tokenizer, record_to_text
 
 RECORD = {"FVC": "2450", "Percent": "65.0", "Age": "71", "Sex": "Male", "SmokingStatus": "Ex-smoker", "DLCO": "48.5"}
 

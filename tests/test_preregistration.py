@@ -14,6 +14,7 @@ import pytest
 from monai.bundle import ConfigParser
 
 from cirresdiff_bundle.cli import main
+from custom.clinical.text import read_lung_function
 from custom.constants import HU_WINDOW
 from custom.geometry import normalize_hu, resample
 from custom.grid import GRIDS
@@ -25,7 +26,6 @@ from custom.preregistration import (
     prepare_cohort,
 )
 from custom.synthetic import SMALL_BODY_SCALE, generate_cohort
-from custom.text import read_lung_function
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 SMALL_CHAIN = preparation_chain(grid="small")

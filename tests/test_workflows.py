@@ -32,7 +32,7 @@ def _record(i: int) -> dict:
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """A small prepared dataset (32^3 grid) whose follow-ups change with the lung function, and a text encoder."""
-    from custom.clip import TextEncoder
+    from custom.clinical.encoder import TextEncoder
 
     root = tmp_path_factory.mktemp("prepared")
     rng = np.random.default_rng(0)
