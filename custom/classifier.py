@@ -17,12 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from sklearn.metrics import roc_auc_score
 
 from custom.data import DatasetSplit, check_no_leakage
+from custom.evaluation import CaseReport
 from custom.io import write_json
 
 
@@ -103,7 +104,7 @@ def pair_cases(split: DatasetSplit, section: str, generated_dir: str | os.PathLi
     return pairs
 
 
-class ProgressionReport:
+class ProgressionReport(CaseReport):
     """Ignite handler collecting progression probabilities and writing accuracy and ROC AUC.
 
     Attach it to the evaluator; it writes ``<output_dir>/<name>.json`` with per-case
@@ -115,19 +116,14 @@ class ProgressionReport:
     """
 
     def __init__(self, output_dir: str | os.PathLike, name: str = "real") -> None:
+        super().__init__()
         self.path = Path(output_dir) / f"{name}.json"
         self.name = name
-        self.rows: list[dict] = []
 
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, lambda e: self.rows.clear())
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
-        engine.add_event_handler(Events.COMPLETED, self.write)
-
-    def collect(self, engine: Engine) -> None:
-        for item, out in zip(engine.state.batch, engine.state.output):
-            probability = float(torch.softmax(torch.as_tensor(out["pred"]).float().flatten(), 0)[1])
-            self.rows.append({"patient": item["patient"], "label": int(item["label"]), "probability": probability})
+    def row(self, item: Mapping, output: Mapping) -> dict:
+        """Patient, label and predicted probability of progression (arguments as in ``CaseReport.row``)."""
+        probability = float(torch.softmax(torch.as_tensor(output["pred"]).float().flatten(), 0)[1])
+        return {"patient": item["patient"], "label": int(item["label"]), "probability": probability}
 
     def write(self, engine: Engine) -> dict:
         labels = np.array([r["label"] for r in self.rows])

@@ -23,6 +23,7 @@ import io
 import logging
 import math
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -227,7 +228,43 @@ def write_report(rows: list[dict], output_dir: str | os.PathLike, title: str, ex
     return summary
 
 
-class FollowupMetricsWriter:
+class CaseReport(ABC):
+    """Ignite handler base: one row per evaluated case, collected over a run and written when it completes.
+
+    A subclass says what a row is (``row``) and what the run writes (``write``).
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda e: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
+        engine.add_event_handler(Events.COMPLETED, self.write)
+
+    def collect(self, engine: Engine) -> None:
+        for item, out in zip(engine.state.batch, engine.state.output):
+            self.rows.append(self.row(item, out))
+
+    @abstractmethod
+    def row(self, item: Mapping, output: Mapping) -> dict:
+        """The row of one case.
+
+        Args:
+            item: the case's batch entry (images, labels, patient).
+            output: the engine's output for it (``"pred"``).
+        """
+
+    @abstractmethod
+    def write(self, engine: Engine) -> dict:
+        """Write the report of the collected rows and return its summary.
+
+        Args:
+            engine: the evaluator that completed.
+        """
+
+
+class FollowupMetricsWriter(CaseReport):
     """Ignite handler: per-case metrics of the model and the reference rows, then CSV and summary.
 
     Reads, for each evaluated case, the generated follow-up (``engine.state.output[i]["pred"]``)
@@ -241,20 +278,14 @@ class FollowupMetricsWriter:
     """
 
     def __init__(self, output_dir: str | os.PathLike, threshold: float = 0.05, name: str = "model") -> None:
+        super().__init__()
         self.output_dir = check_output_dir(output_dir)
         self.threshold = threshold
         self.name = name
-        self.rows: list[dict] = []
 
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, lambda e: self.rows.clear())
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
-        engine.add_event_handler(Events.COMPLETED, self.write)
-
-    def collect(self, engine: Engine) -> None:
-        for item, out in zip(engine.state.batch, engine.state.output):
-            pred = torch.as_tensor(out["pred"]).detach().cpu().float()
-            self.rows.append(case_rows(pred[:1], item, self.threshold))
+    def row(self, item: Mapping, output: Mapping) -> dict:
+        """The model's and the reference rows' metrics of one case (``case_rows``; arguments as in the base class)."""
+        return case_rows(torch.as_tensor(output["pred"]).detach().cpu().float()[:1], item, self.threshold)
 
     def write(self, engine: Engine) -> dict:
         summary = write_report(self.rows, self.output_dir, f"{self.name} against the reference rows",

@@ -11,14 +11,7 @@ from custom.inferer import DiffusionSamplingInferer, ResidualShiftInferer, Sampl
 from custom.networks import AttentionDiffusionUNet
 from custom.scheduler import ResidualShiftScheduler
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is faster than several competing for a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _true_x0(y0: torch.Tensor) -> torch.Tensor:

@@ -7,14 +7,7 @@ import torch
 
 from custom.networks import AttentionDiffusionUNet, AttentionGate
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is faster than several competing for a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(**kwargs) -> AttentionDiffusionUNet:
