@@ -55,8 +55,9 @@ def predict_followup(
 
     Returns:
         One dict per case: ``patient``, ``followup`` (HU array, initial scan's space), ``affine``,
-        ``change`` (HU), ``uncertainty`` (HU or ``None``), ``progression_probability`` (or
-        ``None`` without a trained classifier), ``text`` and ``summary`` (paths when written).
+        ``change`` (HU), ``fibrosis`` (label map, ``custom.fibrosis.FIBROSIS_LABELS``), ``uncertainty``
+        (HU or ``None``), ``progression_probability`` (or ``None`` without a trained classifier),
+        ``text`` and ``summary`` (with the HAA shares under ``fibrosis``; paths when written).
     """
     with tempfile.TemporaryDirectory(prefix="cirresdiff_") as tmp:
         if isinstance(initial, np.ndarray):
@@ -79,7 +80,8 @@ def predict_followup(
             followup, out_affine = _load(files["pred"])
             results.append({
                 "patient": summary["patient"], "followup": followup, "affine": out_affine,
-                "change": _load(files["change"])[0], "uncertainty": _load(files.get("uncertainty"))[0],
+                "change": _load(files["change"])[0], "fibrosis": _load(files["fibrosis"])[0],
+                "uncertainty": _load(files.get("uncertainty"))[0],
                 "progression_probability": summary["progression_probability"], "text": summary["text"],
                 "summary": summary if output_dir is not None else {k: v for k, v in summary.items() if k != "files"},
             })

@@ -256,8 +256,9 @@ class InferenceWriter:
     """Ignite handler writing each case's outputs atomically into ``<output_dir>/<patient>/``.
 
     Files: ``followup.nii.gz`` (generated follow-up, HU, initial scan's space), ``change.nii.gz``,
-    ``uncertainty.nii.gz`` (when several samples were drawn), ``figure.png`` (Fig. 3-style) and
-    ``prediction.json`` (text used, progression probability, output paths).
+    ``fibrosis.nii.gz`` (label map of ``custom.fibrosis.FIBROSIS_LABELS``), ``uncertainty.nii.gz``
+    (when several samples were drawn), ``figure.png`` (Fig. 3-style) and ``prediction.json`` (text
+    used, progression probability, HAA shares of the lungs, output paths).
 
     Args:
         output_dir: root folder of the outputs.
@@ -282,12 +283,13 @@ class InferenceWriter:
         pid = str(d.get("patient", "case"))
         folder = self.output_dir / pid
         files = {}
-        for key, name in (("change", "change.nii.gz"), ("uncertainty", "uncertainty.nii.gz"),
-                          ("pred", "followup.nii.gz")):
+        for key, name, dtype in (("change", "change.nii.gz", np.float32),
+                                 ("uncertainty", "uncertainty.nii.gz", np.float32),
+                                 ("fibrosis", "fibrosis.nii.gz", np.uint8), ("pred", "followup.nii.gz", np.float32)):
             if key in d:
                 image = d[key]
-                files[key] = str(write_nifti(folder / name, np.asarray(image[0], dtype=np.float32),
-                                             np.asarray(image.affine)))
+                array = np.asarray(image[0], dtype=dtype)
+                files[key] = str(write_nifti(folder / name, array, np.asarray(image.affine)))
         uncertainty = np.asarray(d["uncertainty_grid"][0]) if "uncertainty_grid" in d else None
         coverage = _plain_coverage(d.get("coverage"))
         figure = save_comparison_figure(
@@ -299,6 +301,7 @@ class InferenceWriter:
                        "mean": "mean prediction", "sample": f"mean of {self.num_samples} posterior samples"
                    }.get(self.prediction, self.prediction),
                    "uncertainty_samples": self.num_samples if "uncertainty" in d else 0,
+                   "fibrosis": d.get("fibrosis_summary"),
                    "coverage": coverage,
                    "files": {**files, "figure": str(figure)}}
         write_json(folder / "prediction.json", summary)

@@ -19,6 +19,9 @@ from monai.bundle import ConfigParser, verify_net_in_out
 from cirresdiff_bundle import predict_followup
 from cirresdiff_bundle.cli import main, root_cause
 from cirresdiff_bundle.export import export_bundle
+from custom.fibrosis import fibrosis_map, haa_summary, high_attenuation_area
+from custom.geometry import voxel_spacing
+from custom.segmentation import segment_lungs
 
 RECORD = {"FVC": 2300, "Percent": 62.0, "Age": 71, "Sex": "Male", "SmokingStatus": "Ex-smoker"}
 SMALL = {"grid": "small"}
@@ -98,6 +101,13 @@ def test_predict_followup_api_on_a_file_and_on_an_array(raw_case, tmp_path):
     assert np.allclose(result["change"], result["followup"] - np.asarray(initial.dataobj), atol=1e-3)
     assert 0.0 <= result["progression_probability"] <= 1.0
     assert (tmp_path / "out" / "SYN0000" / "figure.png").is_file()
+    # the label map of custom.fibrosis, recomputed here from the two images the API returned
+    lungs = segment_lungs(np.asarray(initial.dataobj, dtype=np.float32), initial.affine)
+    spacing = voxel_spacing(initial.affine)
+    before = high_attenuation_area(np.asarray(initial.dataobj), lungs, spacing)
+    after = high_attenuation_area(result["followup"], lungs, spacing)
+    assert np.array_equal(result["fibrosis"], fibrosis_map(before, after)) and after.any()
+    assert result["summary"]["fibrosis"] == pytest.approx(haa_summary(before, after, lungs, spacing))
     again = predict_followup(np.asarray(initial.dataobj), RECORD, affine=initial.affine, **SMALL)[0]
     assert np.allclose(again["followup"], result["followup"], atol=1e-3)  # same seed, same input, same output
 
