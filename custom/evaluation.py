@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from ignite.engine import Engine, Events
 from scipy import ndimage, stats
 
@@ -231,7 +232,11 @@ def write_report(rows: list[dict], output_dir: str | os.PathLike, title: str, ex
 class CaseReport(ABC):
     """Ignite handler base: one row per evaluated case, collected over a run and written when it completes.
 
-    A subclass says what a row is (``row``) and what the run writes (``write``).
+    A subclass says what a row is (``row``) and what the run writes (``write``). Under
+    ``torch.distributed`` (``configs/multi_gpu_evaluate.json``: each process evaluates the cases a
+    ``DistributedSampler`` without shuffling gives it, every ``world_size``-th one) the rows of all
+    processes are gathered at the end in the dataset's order, so the report is the one a single
+    process writes, and only rank 0 writes it.
     """
 
     def __init__(self) -> None:
@@ -240,11 +245,22 @@ class CaseReport(ABC):
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, lambda e: self.rows.clear())
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
-        engine.add_event_handler(Events.COMPLETED, self.write)
+        engine.add_event_handler(Events.COMPLETED, self._complete)
 
     def collect(self, engine: Engine) -> None:
         for item, out in zip(engine.state.batch, engine.state.output):
             self.rows.append(self.row(item, out))
+
+    def _complete(self, engine: Engine) -> None:
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            self.write(engine)
+            return
+        shards: list[list[dict]] = [[] for _ in range(dist.get_world_size())]
+        dist.all_gather_object(shards, self.rows)
+        # rank r held cases r, r + W, r + 2W, ...: interleaving the shards restores the dataset's order
+        self.rows = [shards[i % len(shards)][i // len(shards)] for i in range(sum(map(len, shards)))]
+        if dist.get_rank() == 0:
+            self.write(engine)
 
     @abstractmethod
     def row(self, item: Mapping, output: Mapping) -> dict:

@@ -4,8 +4,10 @@ gloo, every ablation, evaluation, the classifier, and inference."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -214,23 +216,60 @@ def test_inference_writes_followup_change_uncertainty_and_figure(prepared, raw_c
 
 def test_multi_gpu_config_runs_with_two_gloo_processes(prepared, tmp_path):
     out = tmp_path / "ddp"
-    bundle = _bundle_command(["configs/train.json", "configs/multi_gpu_train.json"], "training",
-                             _train_overrides(prepared, out, val_interval=5))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", *bundle[1:]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(__file__)), capture_output=True, encoding="utf-8",
-                            errors="replace", timeout=600, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    _torchrun(["configs/train.json", "configs/multi_gpu_train.json"], "training",
+              _train_overrides(prepared, out, val_interval=5), port=29533)
     state = torch.load(out / "last.pt", weights_only=True)
     # 4 training cases split over 2 ranks, batch 2: 1 iteration per rank.
     assert state["trainer"] == {"epoch": 1, "iteration": 1}
     assert not any(k.startswith("module.") for k in state["network"])
 
 
+def test_evaluation_across_two_gloo_processes_writes_the_single_process_report(prepared, tmp_path):
+    out = tmp_path / "train"
+    run_config(["train"], **_train_overrides(prepared, out))
+    # five cases (training and test patients alike) so that the two ranks hold 3 and 2 of them
+    evaluate = {**_train_overrides(prepared, out, num_sampling_steps=2),
+                "validate#dataset#data": "$@cases.training()[:3] + @cases.testing()"}
+    run_config(["train", "evaluate"], **{**evaluate, "output_dir": str(tmp_path / "one")})
+    _torchrun(["configs/train.json", "configs/evaluate.json", "configs/multi_gpu_evaluate.json"], "evaluating",
+              {**evaluate, "output_dir": str(tmp_path / "two")}, port=29534)
+    one, two = ((tmp_path / run / "metrics.csv").read_text(encoding="utf-8") for run in ("one", "two"))
+    assert one == two and [r["patient"] for r in csv.DictReader(io.StringIO(one))] == ["P1", "P2", "P3", "P6", "P7"]
+    assert len(list((tmp_path / "two" / "predictions").glob("*/image_followup.nii.gz"))) == 5
+
+
+def test_batch_inference_across_two_gloo_processes_predicts_every_case_as_one_process_does(prepared, raw_case,
+                                                                                           tmp_path):
+    out = tmp_path / "train"
+    run_config(["train"], **_train_overrides(prepared, out))
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    for name in ("A", "B", "C"):
+        shutil.copy(raw_case, cases / f"{name}.nii.gz")
+    inference = {"input": str(cases), "ckpt_dir": str(prepared / "models"), "model_path": str(out / "model.pt"),
+                 "grid": {"size": [GRID] * 3, "spacing_mm": 1.0}, "allow_cropped": True, **TINY_MODEL}
+    run_config(["inference"], **inference, output_dir=str(tmp_path / "one"))
+    _torchrun(["configs/inference.json", "configs/multi_gpu_inference.json"], "inferring",
+              {**inference, "output_dir": str(tmp_path / "two")}, port=29535)
+    for name in ("A", "B", "C"):
+        one, two = (nib.load(str(tmp_path / run / name / "followup.nii.gz")).get_fdata() for run in ("one", "two"))
+        assert np.array_equal(one, two)
+
+
+def _torchrun(configs: list[str], run_id: str, overrides: dict, port: int) -> None:
+    """Run a bundle workflow in 2 gloo processes on the CPU, as ``torchrun --nproc_per_node=2`` does."""
+    bundle = _bundle_command(configs, run_id, overrides)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", *bundle[1:]]
+    result = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(__file__)), capture_output=True, encoding="utf-8",
+                            errors="replace", timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, "\n".join(line for line in result.stderr.splitlines() if "Error" in line)
+
+
 def _bundle_command(configs: list[str], run_id: str, overrides: dict) -> list[str]:
     files = configs[0] if len(configs) == 1 else "[" + ",".join(f"'{c}'" for c in configs) + "]"
+    # Python literals, as the command line's parser (fire) reads them: JSON's false would stay a string
     args = [a for key, value in overrides.items()
-            for a in (f"--{key}", value if isinstance(value, str) else json.dumps(value))]
+            for a in (f"--{key}", value if isinstance(value, str) else repr(value))]
     return [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", files, *args]
 
 
