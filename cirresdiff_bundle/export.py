@@ -52,9 +52,9 @@ def export_bundle(out: str | os.PathLike, root: str | os.PathLike = BUNDLE_ROOT,
 def export_program(out: str | os.PathLike, root: str | os.PathLike = BUNDLE_ROOT, context_length: int = 64) -> Path:
     """Export the denoiser with ``torch.export`` (a ``.pt2`` file loadable without this repository).
 
-    ``python -m monai.bundle ckpt_export`` cannot produce TorchScript for this network: MONAI's own
-    ``SpatialAttentionBlock`` (bottleneck self-attention) reshapes with ``*shape[:2]``, which
-    ``torch.jit.script`` cannot type. ``torch.export`` traces the same forward pass instead, for one
+    ``python -m monai.bundle ckpt_export`` writes ``network_def`` as TorchScript (the model zoo's
+    form; ``torch.jit`` is deprecated in PyTorch 2.x). This is the ``torch.export`` alternative of
+    the denoiser call ``(x, timesteps, context)`` that the diffusion sampler makes, traced for one
     window of ``sw_roi_size`` (sliding-window inference only ever calls the network on such windows).
     Load it with ``torch.export.load(path).module()(x, timesteps, context)``.
 

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from custom.clinical.encoder import EncodeTexts
 from custom.engines import plain_tensor
+from custom.networks import mean_prediction_input
 from custom.scheduler import ResidualShiftScheduler
 
 
@@ -74,27 +75,34 @@ class _WindowNetwork:
     The sliding window passes ``sw_batch_size`` windows at a time; this broadcasts the step's
     timestep and the case's context (1, L, D) to that window batch, runs the network (under
     autocast when asked) and returns its output in the windows' dtype, so the blending and the
-    scheduler update stay in full precision.
+    scheduler update stay in full precision. With ``mean_input_scale`` the windows hold y0 alone
+    and the network gets the mean prediction's input (``custom.networks.mean_prediction_input``),
+    the image-to-image call of ``MeanPredictionUNet``.
     """
 
     def __init__(
         self, network: Callable, timestep: int, context: torch.Tensor | None, autocast_dtype: torch.dtype | None,
-        channels_last: bool = False,
+        channels_last: bool = False, mean_input_scale: float | None = None,
     ) -> None:
         self.network = network
         self.timestep = timestep
         self.context = context
         self.autocast_dtype = autocast_dtype
         self.channels_last = channels_last
+        self.mean_input_scale = mean_input_scale
 
     def __call__(self, windows: torch.Tensor) -> torch.Tensor:
         n = windows.shape[0]
-        timesteps = torch.full((n,), self.timestep, device=windows.device, dtype=torch.long)
+        if self.mean_input_scale is None:
+            inputs = windows
+            timesteps = torch.full((n,), self.timestep, device=windows.device, dtype=torch.long)
+        else:
+            inputs, timesteps = mean_prediction_input(windows, self.timestep, self.mean_input_scale)
         context = None if self.context is None else self.context.expand(n, *self.context.shape[1:])
         if self.channels_last:
-            windows = windows.contiguous(memory_format=torch.channels_last_3d)
+            inputs = inputs.contiguous(memory_format=torch.channels_last_3d)
         with torch.autocast(windows.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            out = self.network(windows, timesteps, context)
+            out = self.network(inputs, timesteps, context)
         return out.to(windows.dtype).contiguous()
 
 
@@ -359,6 +367,8 @@ class ResidualShiftInferer(DiffusionSamplingInferer):
         the network is trained on this exact input (``ResidualShiftPrepareBatch``'s ``mean_fraction``),
         where the squared loss makes its output the conditional mean of x0 given y0 and the text.
         The input is y0 itself, not x0 + eta_T e0, which would leak (1 - eta_T) of the follow-up.
+        The windows are windows of y0 and each gets ``custom.networks.mean_prediction_input``, so
+        this is the sliding window over ``MeanPredictionUNet``'s image-to-image call, for any denoiser.
 
         Args:
             inputs: initial scans y0, (B, 1, D, H, W).
@@ -367,11 +377,12 @@ class ResidualShiftInferer(DiffusionSamplingInferer):
         """
         y0 = plain_tensor(inputs)
         context = self._context(y0.shape[0], y0.device, context)
-        scheduler = self.scheduler.to(y0.device)
-        t = scheduler.num_train_timesteps - 1
+        # MeanPredictionUNet's numbers: the step of t = T and the factor model_input applies to x_t there
+        t = self.scheduler.num_train_timesteps - 1
+        scale = float(self.model_input(torch.ones(1), t))
         return torch.cat([
-            self.denoise(network, self.model_input(y0[b : b + 1], t), y0[b : b + 1], t,
-                         None if context is None else context[b : b + 1])
+            self.window(y0[b : b + 1], _WindowNetwork(network, t, None if context is None else context[b : b + 1],
+                                                      self.autocast_dtype, self.channels_last, scale))
             for b in range(y0.shape[0])
         ])
 

@@ -6,6 +6,11 @@ Encoder and decoder levels are MONAI's timestep-conditioned residual blocks
 coarse levels optionally fuse the lung-function text features (``custom.clinical.fusion``), and the
 bottleneck has self-attention. The input is ``[x_t, y0]`` (2 channels), the output one channel:
 the predicted follow-up x0 (residual shift) or the noise (DDPM baseline).
+
+``MeanPredictionUNet`` is the same denoiser that, given the initial scan alone, returns the mean
+prediction (``mean_prediction_input``): the image-to-image network of ``inference.json``'s
+``network_def``. Every module here compiles with ``torch.jit.script``, so MONAI's ``ckpt_export``
+writes it as TorchScript.
 """
 
 from __future__ import annotations
@@ -49,18 +54,41 @@ class AttentionGate(nn.Module):
         return x * alpha
 
 
+class _SpatialSelfAttention(SpatialAttentionBlock):
+    """MONAI's ``SpatialAttentionBlock`` with a forward pass that ``torch.jit.script`` compiles.
+
+    MONAI's reshapes with ``x.reshape(*shape[:2], -1)``, a list unpacking TorchScript cannot type;
+    this one names batch and channels. Same submodules, so the same state dict keys and weights.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c = x.shape[0], x.shape[1]
+        h = self.attn(self.norm(x).reshape(b, c, -1).transpose(1, 2))  # "b c h w d -> b (h w d) c"
+        # MONAI's operand order: the sum takes the (channels-last) layout of the first, which the next
+        # GroupNorm rounds differently, so this order keeps the outputs bit for bit
+        return h.transpose(1, 2).reshape(x.shape) + x
+
+
 class _Level(nn.Module):
     """Residual blocks of one resolution, each optionally followed by text fusion."""
 
-    def __init__(self, in_ch: int, out_ch: int, temb: int, blocks: int, groups: int, fusion: nn.Module | None) -> None:
+    def __init__(self, in_ch: int, out_ch: int, temb: int, blocks: int, groups: int, fusion: nn.Module | None,
+                 use_checkpointing: bool) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
             DiffusionUNetResnetBlock(3, in_ch if i == 0 else out_ch, temb, out_ch, norm_num_groups=groups)
             for i in range(blocks)
         )
         self.fusion = fusion
+        self.use_checkpointing = use_checkpointing
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        # checkpointing only saves memory in training; TorchScript skips this branch, which it cannot compile
+        if not torch.jit.is_scripting() and self.use_checkpointing and self.training:
+            return checkpoint(self._level, h, emb, context, use_reentrant=False)
+        return self._level(h, emb, context)
+
+    def _level(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         for block in self.blocks:
             h = block(h, emb)
         if self.fusion is not None and context is not None:
@@ -124,7 +152,6 @@ class AttentionDiffusionUNet(nn.Module):
         if any(c % norm_num_groups for c in channels):
             raise ValueError(f"norm_num_groups ({norm_num_groups}) must divide every channel count {tuple(channels)}.")
         self.channels = tuple(channels)
-        self.use_checkpointing = use_checkpointing
         self.residual_output = residual_output
         temb = channels[0] * 4
         self.time_embed = nn.Sequential(nn.Linear(channels[0], temb), nn.SiLU(), nn.Linear(temb, temb))
@@ -139,14 +166,15 @@ class AttentionDiffusionUNet(nn.Module):
         self.down = nn.ModuleList()
         self.downsample = nn.ModuleList()
         for i, ch in enumerate(channels):
-            self.down.append(_Level(channels[max(i - 1, 0)], ch, temb, num_res_blocks, norm_num_groups, fusion(ch, i)))
+            self.down.append(_Level(channels[max(i - 1, 0)], ch, temb, num_res_blocks, norm_num_groups, fusion(ch, i),
+                                    use_checkpointing))
             if i < len(channels) - 1:
                 self.downsample.append(nn.Conv3d(ch, ch, kernel_size=3, stride=2, padding=1))
         bottom = channels[-1]
         self.mid_block1 = DiffusionUNetResnetBlock(3, bottom, temb, bottom, norm_num_groups=norm_num_groups)
         # use_flash_attention selects torch's scaled_dot_product_attention (memory-efficient kernels on GPU)
         self.mid_attention = (
-            SpatialAttentionBlock(
+            _SpatialSelfAttention(
                 3, bottom, num_head_channels=num_head_channels, norm_num_groups=norm_num_groups,
                 use_flash_attention=True,
             )
@@ -161,7 +189,7 @@ class AttentionDiffusionUNet(nn.Module):
             ch, coarse = channels[i], channels[i + 1]
             self.upsample.append(nn.Conv3d(coarse, ch, kernel_size=3, padding=1))
             self.gates.append(AttentionGate(ch, ch, max(ch // 2, 1)))
-            self.up.append(_Level(2 * ch, ch, temb, num_res_blocks, norm_num_groups, fusion(ch, i)))
+            self.up.append(_Level(2 * ch, ch, temb, num_res_blocks, norm_num_groups, fusion(ch, i), use_checkpointing))
         self.out = nn.Sequential(
             nn.GroupNorm(norm_num_groups, channels[0]), nn.SiLU(), nn.Conv3d(channels[0], out_channels, 3, padding=1)
         )
@@ -170,30 +198,81 @@ class AttentionDiffusionUNet(nn.Module):
             nn.init.zeros_(self.out[-1].weight)
             nn.init.zeros_(self.out[-1].bias)
 
-    def _run(self, module: nn.Module, *args: torch.Tensor | None) -> torch.Tensor:
-        if self.use_checkpointing and self.training:
-            return checkpoint(module, *args, use_reentrant=False)
-        return module(*args)
-
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return self.denoise(x, timesteps, context)
+
+    def denoise(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        """The denoiser's output for ``[x_t, y0]`` at ``timesteps`` (arguments as in the class docstring).
+
+        Subclasses that change ``forward`` call this, as TorchScript compiles no ``super()``.
+        """
         factor = 2 ** (len(self.channels) - 1)
-        if any(s % factor for s in x.shape[2:]):
-            raise ValueError(f"spatial size {tuple(x.shape[2:])} must be divisible by {factor}.")
+        if any([s % factor != 0 for s in x.shape[2:]]):
+            raise ValueError(f"spatial size {list(x.shape[2:])} must be divisible by {factor}.")
         timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
         emb = self.time_embed(get_timestep_embedding(timesteps, self.channels[0]).to(x.dtype))
         h = self.stem(x)
         skips = []
-        for i, level in enumerate(self.down):
-            h = self._run(level, h, emb, context)
-            if i < len(self.downsample):
-                skips.append(h)
-                h = self.downsample[i](h)
+        # zip stops at the last level, which has no downsampling (TorchScript indexes module lists by literals only)
+        for level, downsample in zip(self.down, self.downsample):
+            h = level(h, emb, context)
+            skips.append(h)
+            h = downsample(h)
+        h = self.down[-1](h, emb, context)
         h = self.mid_block1(h, emb)
         h = self.mid_attention(h)
         h = self.mid_block2(h, emb)
         for upsample, gate, level in zip(self.upsample, self.gates, self.up):
             skip = skips.pop()
             h = upsample(F.interpolate(h, size=skip.shape[2:], mode="nearest"))
-            h = self._run(level, torch.cat([gate(skip, h), h], dim=1), emb, context)
+            h = level(torch.cat([gate(skip, h), h], dim=1), emb, context)
         out = self.out(h)
         return out + x[:, 1:2] if self.residual_output else out
+
+
+def mean_prediction_input(y0: torch.Tensor, timestep: int, input_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The denoiser's input and timesteps for the mean prediction f(x_T = y0, y0, T) of residual shift.
+
+    x_T ~ N(x0 + eta_T e0, kappa^2 eta_T I) (ResShift Eq. 2) has mean y0 - (1 - eta_T) e0 ~ y0, so
+    the network sees x_T = y0 scaled as the scheduler scales x_t at T, beside y0 itself
+    (``ResidualShiftInferer.predict_mean`` explains why this is the conditional mean).
+
+    Args:
+        y0: initial scans, (B, 1, D, H, W).
+        timestep: the step index of t = T, ``num_train_timesteps - 1``.
+        input_scale: the factor ``scale_model_input`` applies to x_t at that step.
+
+    Returns:
+        ``[input_scale * y0, y0]`` (B, 2, D, H, W) and the timesteps (B,).
+    """
+    timesteps = torch.full((y0.shape[0],), timestep, dtype=torch.long, device=y0.device)
+    return torch.cat([y0 * input_scale, y0], dim=1), timesteps
+
+
+class MeanPredictionUNet(AttentionDiffusionUNet):
+    """The denoiser as an image-to-image network: the initial scan in, its mean-prediction follow-up out.
+
+    ``forward(y0)`` or ``forward(y0, context=context)`` with y0 (B, 1, D, H, W) returns the mean
+    prediction (B, 1, D, H, W), the input of ``mean_prediction_input``: what MONAI's
+    ``verify_net_in_out``, ``SlidingWindowInferer`` and ``ckpt_export`` expect of a bundle's
+    ``network_def``. ``forward(x, timesteps, context)`` is the denoiser itself, as the diffusion
+    sampler calls it. The step and the scale are plain numbers, not the scheduler module, so the
+    parameters and the state dict are exactly the denoiser's: its weights load without renaming.
+
+    Args:
+        mean_timestep: the step index of t = T, ``num_train_timesteps - 1`` of the scheduler.
+        mean_input_scale: the scheduler's input scale of x_t at that step (1.0 if it does not scale).
+        kwargs: see ``AttentionDiffusionUNet``.
+    """
+
+    def __init__(self, mean_timestep: int, mean_input_scale: float, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.mean_timestep = int(mean_timestep)
+        self.mean_input_scale = float(mean_input_scale)
+
+    def forward(
+        self, x: torch.Tensor, timesteps: torch.Tensor | None = None, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if timesteps is None:
+            x, timesteps = mean_prediction_input(x, self.mean_timestep, self.mean_input_scale)
+        return self.denoise(x, timesteps, context)

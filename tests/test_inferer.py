@@ -8,7 +8,7 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
 from custom.engines import ResidualShiftPrepareBatch, WeightedMSELoss
 from custom.inferer import DiffusionSamplingInferer, ResidualShiftInferer, SamplingOutput
-from custom.networks import AttentionDiffusionUNet
+from custom.networks import AttentionDiffusionUNet, MeanPredictionUNet
 from custom.scheduler import ResidualShiftScheduler
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -129,6 +129,37 @@ def test_mean_prediction_is_one_call_at_the_last_step_on_the_initial_scan():
     assert torch.allclose(out, expected, atol=1e-5)
     with pytest.raises(ValueError, match="prediction"):
         ResidualShiftInferer(scheduler, prediction="median")
+
+
+def test_mean_prediction_is_the_sliding_window_over_the_image_to_image_network():
+    """predict_mean runs the windows through MeanPredictionUNet's image-only call, with the results of the
+    former formula (the denoiser on [scale_model_input(y0, T-1), y0] at T-1), for any denoiser."""
+    scheduler = ResidualShiftScheduler()
+    t = scheduler.num_train_timesteps - 1
+    torch.manual_seed(0)
+    kwargs = dict(channels=(8, 16, 16), attention_levels=(False, True, True), norm_num_groups=4,
+                  num_head_channels=8, context_dim=6, residual_output=True)
+    denoiser = AttentionDiffusionUNet(**kwargs).eval()
+    with torch.no_grad():
+        for p in denoiser.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    mean_net = MeanPredictionUNet(t, float(scheduler.scale_model_input(torch.ones(1), t)), **kwargs).eval()
+    mean_net.load_state_dict(denoiser.state_dict())
+    y0 = torch.rand(2, 1, 24, 20, 16, generator=torch.Generator().manual_seed(9))
+    context = torch.randn(2, 4, 6)
+    inferer = ResidualShiftInferer(scheduler, roi_size=16, overlap=0.5)
+    former = torch.cat([
+        inferer.denoise(denoiser, scheduler.scale_model_input(y0[b : b + 1], t), y0[b : b + 1], t, context[b : b + 1])
+        for b in range(2)
+    ])
+    assert torch.equal(inferer.predict_mean(y0, denoiser, context), former)
+    assert torch.equal(inferer.predict_mean(y0, mean_net, context), former)
+    # one window, uniform blending: the network's own image-to-image output (cases run one at a time)
+    window = y0[:, :, :16, :16, :16]
+    with torch.no_grad():
+        direct = torch.cat([mean_net(window[b : b + 1], context=context[b : b + 1]) for b in range(2)])
+    one_window = ResidualShiftInferer(scheduler, roi_size=16, mode="constant")
+    assert torch.equal(one_window.predict_mean(window, mean_net, context), direct)
 
 
 def test_monai_label_call_with_the_image_alone():

@@ -1,11 +1,13 @@
-"""AttentionDiffusionUNet: shapes, timestep and text conditioning, attention gates, checkpointing, export."""
+"""AttentionDiffusionUNet: shapes, timestep and text conditioning, attention gates, checkpointing, export;
+MeanPredictionUNet, the same denoiser as an image-to-image network."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from monai.networks.blocks import SpatialAttentionBlock
 
-from custom.networks import AttentionDiffusionUNet, AttentionGate
+from custom.networks import AttentionDiffusionUNet, AttentionGate, MeanPredictionUNet, mean_prediction_input
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -111,3 +113,48 @@ def test_residual_output_starts_as_the_identity_and_learns():
     assert torch.equal(out, x[:, 1:2])
     out.sum().backward()
     assert net.out[-1].weight.grad.abs().sum() > 0
+
+
+def test_mean_prediction_network_is_the_denoiser_called_on_the_initial_scan_alone():
+    denoiser = _tiny(residual_output=True).eval()
+    _perturb(denoiser)
+    mean_net = MeanPredictionUNet(14, 0.95, **dict(channels=(8, 16, 32), attention_levels=(False, True, True),
+                                                   norm_num_groups=4, num_head_channels=8, context_dim=12,
+                                                   residual_output=True)).eval()
+    # the same parameters and no other state: a denoiser's weights load strictly, key for key
+    assert mean_net.state_dict().keys() == denoiser.state_dict().keys()
+    mean_net.load_state_dict(denoiser.state_dict())
+    y0, c = torch.rand(2, 1, 16, 16, 16), torch.randn(2, 3, 12)
+    x, t = mean_prediction_input(y0, 14, 0.95)
+    assert torch.equal(x, torch.cat([0.95 * y0, y0], 1)) and t.tolist() == [14, 14]
+    with torch.no_grad():
+        assert torch.equal(mean_net(y0, context=c), denoiser(x, t, c))
+        assert torch.equal(mean_net(y0), denoiser(x, t))
+        # with timesteps it is the denoiser, as the diffusion sampler calls it
+        xt = torch.rand(2, 2, 16, 16, 16)
+        assert torch.equal(mean_net(xt, torch.tensor([3, 9]), c), denoiser(xt, torch.tensor([3, 9]), c))
+
+
+def test_both_networks_compile_to_torchscript_with_the_same_output():
+    """MONAI's ckpt_export scripts network_def; the scripted program must compute what the module computes."""
+    denoiser = _tiny().eval()
+    _perturb(denoiser)
+    mean_net = MeanPredictionUNet(14, 0.95, channels=(8, 16, 32), attention_levels=(False, True, True),
+                                  norm_num_groups=4, num_head_channels=8, context_dim=12).eval()
+    mean_net.load_state_dict(denoiser.state_dict())
+    y0, xt, t, c = torch.rand(1, 1, 16, 16, 16), torch.rand(1, 2, 16, 16, 16), torch.tensor([5]), torch.randn(1, 3, 12)
+    scripted_denoiser, scripted_mean = torch.jit.script(denoiser), torch.jit.script(mean_net)
+    with torch.no_grad():
+        assert torch.allclose(scripted_denoiser(xt, t, c), denoiser(xt, t, c), atol=1e-6)
+        for args, kwargs in (((y0,), {}), ((y0,), {"context": c}), ((xt, t, c), {})):
+            assert torch.allclose(scripted_mean(*args, **kwargs), mean_net(*args, **kwargs), atol=1e-6)
+
+
+def test_scriptable_bottleneck_attention_is_monais_bit_for_bit():
+    """Same values and memory layout as MONAI's SpatialAttentionBlock, so the weights give the same outputs."""
+    net = _tiny().eval()
+    _perturb(net)
+    h = torch.randn(2, 32, 4, 4, 4)
+    with torch.no_grad():
+        ours, monais = net.mid_attention(h), SpatialAttentionBlock.forward(net.mid_attention, h)
+    assert torch.equal(ours, monais) and ours.stride() == monais.stride()
