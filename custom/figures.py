@@ -141,3 +141,59 @@ def qc_figure(
         write_png(path, fig)
     finally:
         plt.close(fig)
+
+
+LUNG_WINDOW_HU = (-1350.0, 150.0)
+"""Display window of the fibrosis picture: a lung window (level -600, width 1500), as radiologists view the lungs."""
+
+
+def save_fibrosis_figure(
+    path: str | os.PathLike, initial_hu: np.ndarray, followup_hu: np.ndarray, labels: np.ndarray,
+    spacing: Sequence[float], title: str = "",
+) -> Path:
+    """What a labelling tool shows: baseline, predicted follow-up, and the follow-up with the fibrosis labels.
+
+    Rows: a coronal and an axial slice through the most predicted new fibrosis (label 2; else
+    any label); columns: baseline CT, predicted follow-up CT (lung window), predicted follow-up
+    with fibrosis present at both scans (label 1, yellow) and predicted new fibrosis (label 2,
+    red) overlaid as a viewer (3D Slicer, OHIF) draws a label map. Slices keep the voxel aspect.
+
+    Args:
+        path: destination PNG (written atomically).
+        initial_hu: baseline CT (x, y, z), HU.
+        followup_hu: predicted follow-up on the same grid, HU.
+        labels: fibrosis label map on the same grid (``custom.fibrosis.FIBROSIS_LABELS``).
+        spacing: voxel size in mm per axis, for the aspect of the slices.
+        title: figure title.
+    """
+    labels = np.asarray(labels)
+    target = labels == 2 if (labels == 2).any() else labels > 0
+    index = _lesion_centre(np.zeros(labels.shape, np.float32), target.astype(np.float32), None)
+    colours = np.zeros((*labels.shape, 4), dtype=np.float32)
+    colours[labels == 1] = (1.0, 0.85, 0.0, 0.55)
+    colours[labels == 2] = (1.0, 0.1, 0.1, 0.7)
+    sx, sy, sz = (float(s) for s in spacing)
+    aspects = [sz / sx, sy / sx]  # coronal shows (z, x), axial (y, x): the voxel aspect of each plane
+    style = {"cmap": "gray", "vmin": LUNG_WINDOW_HU[0], "vmax": LUNG_WINDOW_HU[1], "interpolation": "nearest"}
+    fig, axes = plt.subplots(2, 3, figsize=(10.5, 7.5), squeeze=False, layout="constrained")
+    try:
+        for row, aspect in enumerate(aspects):
+            base, followup = (_slices(np.asarray(v, dtype=np.float32), index)[row] for v in (initial_hu, followup_hu))
+            overlay = np.rot90(colours[:, index[1], :] if row == 0 else colours[:, :, index[2]])
+            for col, (name, image) in enumerate([("baseline", base), ("predicted follow-up", followup),
+                                                 ("fibrosis (yellow), predicted new (red)", followup)]):
+                ax = axes[row, col]
+                ax.imshow(image, aspect=aspect, **style)
+                if col == 2:
+                    ax.imshow(overlay, aspect=aspect, interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if row == 0:
+                    ax.set_title(name, fontsize=9)
+        axes[0, 0].set_ylabel("coronal")
+        axes[1, 0].set_ylabel("axial")
+        if title:
+            fig.suptitle(title, fontsize=9, wrap=True)
+        return write_png(path, fig, dpi=110)
+    finally:
+        plt.close(fig)

@@ -21,8 +21,8 @@ from monai.transforms import MapTransform
 from custom.classifier import pair_input
 from custom.clinical.text import read_lung_function
 from custom.constants import HU_WINDOW
-from custom.figures import save_comparison_figure
-from custom.geometry import denormalize, resample
+from custom.figures import save_comparison_figure, save_fibrosis_figure
+from custom.geometry import denormalize, resample, voxel_spacing
 from custom.io import check_output_dir, write_json, write_nifti
 
 logger = logging.getLogger(__name__)
@@ -252,11 +252,21 @@ def _title_note(coverage: Mapping | None) -> str:
     return ""
 
 
+def _fibrosis_title(patient: str, summary: Mapping | None) -> str:
+    """The fibrosis picture's title: the HAA shares of the lungs at baseline and predicted follow-up."""
+    if not summary:
+        return patient
+    return (f"{patient}: high-attenuation area {summary['haa_percent_initial']:.1f} % of the lungs at baseline, "
+            f"{summary['haa_percent_followup']:.1f} % predicted at follow-up "
+            f"({summary['new_fibrosis_ml']:.0f} ml predicted new fibrosis)")
+
+
 class InferenceWriter:
     """Ignite handler writing each case's outputs atomically into ``<output_dir>/<patient>/``.
 
     Files: ``followup.nii.gz`` (generated follow-up, HU, initial scan's space), ``change.nii.gz``,
-    ``fibrosis.nii.gz`` (label map of ``custom.fibrosis.FIBROSIS_LABELS``), ``uncertainty.nii.gz``
+    ``fibrosis.nii.gz`` (label map of ``custom.fibrosis.FIBROSIS_LABELS``) and its picture
+    ``fibrosis.png``, ``uncertainty.nii.gz``
     (when several samples were drawn), ``figure.png`` (Fig. 3-style) and ``prediction.json`` (text
     used, progression probability, HAA shares of the lungs, output paths).
 
@@ -296,6 +306,12 @@ class InferenceWriter:
             folder / "figure.png", np.asarray(d["image"][0]), np.asarray(d["pred_grid"][0]), uncertainty=uncertainty,
             mask=np.asarray(d["mask"][0]), title=_title_note(coverage) + f"{pid}: {d.get('text', '')}",
         )
+        if "fibrosis" in d:
+            source = d["image_hu"]
+            files["fibrosis_figure"] = str(save_fibrosis_figure(
+                folder / "fibrosis.png", np.asarray(source[0]), np.asarray(d["pred"][0]), np.asarray(d["fibrosis"][0]),
+                voxel_spacing(np.asarray(source.affine)), title=_fibrosis_title(pid, d.get("fibrosis_summary")),
+            ))
         summary = {"patient": pid, "text": d.get("text"), "progression_probability": d.get("progression_probability"),
                    "prediction": {
                        "mean": "mean prediction", "sample": f"mean of {self.num_samples} posterior samples"
