@@ -77,7 +77,7 @@ def predict_followup(
         results = []
         for summary in workflow.parser.get_parsed_content("writer").written:
             files = summary["files"]
-            followup, out_affine = _load(files["pred"])
+            followup, out_affine = _load(files["followup"])
             results.append({
                 "patient": summary["patient"], "followup": followup, "affine": out_affine,
                 "change": _load(files["change"])[0], "fibrosis": _load(files["fibrosis"])[0],

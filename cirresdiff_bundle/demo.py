@@ -93,7 +93,8 @@ def run_demo(root: str | Path = BUNDLE_ROOT) -> dict:
         method = "DM-R-CIP (did not beat identity on validation)"
     times["evaluate"] = _step("evaluation on the test split", ["train", "evaluate"],
                               **{**train, "output_dir": str(evaluation), "method_name": method})
-    classifier = {**common, "output_dir": str(runs / "classifier"), "classifier_path": str(models / "classifier.pt"),
+    classifier = {**common, "output_dir": str(runs / "classifier"),
+                  "classifier_path": str(models / "classifier" / "model.pt"),
                   **DEMO_SETTINGS["train_classifier"]}
     times["classifier"] = _step("diagnostic classifier (real pairs)", ["train_classifier"], **classifier)
     _step("diagnostic classifier on generated follow-ups", ["train_classifier"], run_id="evaluating", **classifier,

@@ -43,6 +43,11 @@ def export_bundle(out: str | os.PathLike, root: str | os.PathLike = BUNDLE_ROOT,
     out, root = Path(out), Path(root)
     if not (root / "models" / "model.pt").is_file():
         raise FileNotFoundError(f"{root / 'models' / 'model.pt'} is missing: a bundle ships its weights")
+    others = sorted(p.name for p in (root / "models").glob("*.pt") if p.name != "model.pt")
+    if others:
+        # MONAI Label's bundle infer task offers every models/*.pt as weights of network_def
+        raise ValueError(f"{root / 'models'} holds {others} beside model.pt: MONAI Label would offer them as weights "
+                         "of the network; keep other models in folders of their own (models/classifier/model.pt)")
     with atomic_open(out) as f, zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for rel in bundle_files(root):
             archive.write(root / rel, f"{name}/{rel.as_posix()}")

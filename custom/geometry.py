@@ -64,15 +64,23 @@ def resample(array: np.ndarray, source_affine: np.ndarray, target_affine: np.nda
 def as_meta(array: np.ndarray, affine: np.ndarray, meta: Mapping | None = None) -> MetaTensor:
     """A channel-first MetaTensor (1, x, y, z) with an affine and optional extra metadata.
 
+    As in MONAI (``LoadImage`` sets them, ``Spacing`` and the like keep them), ``original_affine`` and
+    ``spatial_shape`` describe the image *as loaded*: taken from ``meta`` when it has them (an image
+    derived from a loaded scan: moved onto the model grid, normalised, aligned), else this array's
+    own. MONAI Label's ``Restored`` maps its result back onto ``spatial_shape`` and ``original_affine``
+    of the input image; on the model grid's shape it would stretch a result made in the scan's space.
+
     Args:
         array: voxel data (x, y, z).
         affine: voxel-to-RAS affine.
-        meta: metadata to copy (geometry entries are replaced).
+        meta: metadata to copy (its ``affine`` is replaced by ``affine``).
     """
-    out = MetaTensor(np.asarray(array)[None], affine=np.asarray(affine, dtype=np.float64))
+    affine = np.asarray(affine, dtype=np.float64)
+    out = MetaTensor(np.asarray(array)[None], affine=affine)
     if meta is not None:
-        out.meta.update({k: v for k, v in meta.items() if k not in ("affine", "original_affine", "spatial_shape")})
-    out.meta["spatial_shape"] = np.asarray(array.shape)
+        out.meta.update({k: v for k, v in meta.items() if k != "affine"})
+    out.meta.setdefault("original_affine", affine)
+    out.meta.setdefault("spatial_shape", np.asarray(np.shape(array)))
     return out
 
 

@@ -3,6 +3,7 @@ progression probability, and the files a person opens.
 
 ``configs/inference.json`` runs: preprocessing (load, segment, cut the lung region onto the
 model grid) -> ``ResidualShiftInferer`` -> ``FollowupOutputsd`` (this module) -> ``InferenceWriter``.
+Under MONAI Label (``post_transforms``) ``MonaiLabelResultd`` takes the writer's place.
 """
 
 from __future__ import annotations
@@ -224,7 +225,8 @@ def load_classifier(network: torch.nn.Module, path: str | os.PathLike) -> torch.
 
     Args:
         network: the classifier architecture.
-        path: weights file (``models/classifier.pt``).
+        path: weights file (``models/classifier/model.pt``: in a folder of its own, because MONAI Label offers
+            every ``models/*.pt`` as a choice of weights for ``network_def``).
     """
     from custom.checkpoints import load_network_weights
 
@@ -268,7 +270,8 @@ class InferenceWriter:
     ``fibrosis.nii.gz`` (label map of ``custom.fibrosis.FIBROSIS_LABELS``) and its picture
     ``fibrosis.png``, ``uncertainty.nii.gz``
     (when several samples were drawn), ``figure.png`` (Fig. 3-style) and ``prediction.json`` (text
-    used, progression probability, HAA shares of the lungs, output paths).
+    used, progression probability, HAA shares of the lungs, and under ``files`` the paths, by file
+    name: ``followup``, ``change``, ``fibrosis``, ...).
 
     Args:
         output_dir: root folder of the outputs.
@@ -293,13 +296,12 @@ class InferenceWriter:
         pid = str(d.get("patient", "case"))
         folder = self.output_dir / pid
         files = {}
-        for key, name, dtype in (("change", "change.nii.gz", np.float32),
-                                 ("uncertainty", "uncertainty.nii.gz", np.float32),
-                                 ("fibrosis", "fibrosis.nii.gz", np.uint8), ("pred", "followup.nii.gz", np.float32)):
+        for key, name, dtype in (("change", "change", np.float32), ("uncertainty", "uncertainty", np.float32),
+                                 ("fibrosis", "fibrosis", np.uint8), ("pred", "followup", np.float32)):
             if key in d:
                 image = d[key]
                 array = np.asarray(image[0], dtype=dtype)
-                files[key] = str(write_nifti(folder / name, array, np.asarray(image.affine)))
+                files[name] = str(write_nifti(folder / f"{name}.nii.gz", array, np.asarray(image.affine)))
         uncertainty = np.asarray(d["uncertainty_grid"][0]) if "uncertainty_grid" in d else None
         coverage = _plain_coverage(d.get("coverage"))
         figure = save_comparison_figure(
@@ -324,3 +326,48 @@ class InferenceWriter:
         self.written.append(summary)
         logger.info(f"{pid}: wrote {folder}")
         return summary
+
+
+class MonaiLabelResultd(MapTransform):
+    """The case as MONAI Label serves it: the fibrosis label map as the result, the bundle's outputs beside it.
+
+    The last of ``inference.json``'s ``post_transforms``, which MONAI Label's bundle infer task
+    reads instead of ``postprocessing`` (it reads both keys and keeps the last present; the bundle's
+    own workflows use ``postprocessing`` and ``InferenceWriter``). MONAI Label then writes
+    ``d["pred"]`` as the result image (its ``Restored`` and ``Writer``, which takes an (x, y, z)
+    array) and answers with ``d["result"]``. So this transform:
+
+    - writes the case's outputs with ``writer.write_case`` as the bundle's inference does
+      (``<output_dir>/<case>/followup.nii.gz``, ``fibrosis.nii.gz``, ``change.nii.gz``, the figures
+      and ``prediction.json``, each atomically): the generated follow-up CT lies beside the result;
+    - puts the label map (``custom.fibrosis.FIBROSIS_LABELS``, uint8, initial scan's space) in
+      ``pred`` without its channel, and keeps the follow-up CT under ``followup``;
+    - sets ``result`` to ``prediction.json``'s content: text used, progression probability, HAA
+      shares of the lungs at baseline and predicted follow-up, new fibrosis in ml, coverage, paths.
+
+    Args:
+        writer: the ``InferenceWriter`` of the config (its ``output_dir``).
+        keys: key of the label map (``FibrosisMapd``'s ``fibrosis``).
+        pred_key: key MONAI Label writes as the result (``pred``; the follow-up CT until this transform).
+        result_key: key of the JSON answer (MONAI Label's ``result``).
+        followup_key: key receiving the follow-up CT.
+        source_key: key of the initial scan in HU, whose file name names the case without a ``patient``.
+    """
+
+    def __init__(self, writer: InferenceWriter, keys: Hashable = "fibrosis", pred_key: str = "pred",
+                 result_key: str = "result", followup_key: str = "followup", source_key: str = "image_hu") -> None:
+        super().__init__(keys)
+        self.writer, self.pred_key, self.result_key = writer, pred_key, result_key
+        self.followup_key, self.source_key = followup_key, source_key
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        if "patient" not in d:
+            d["patient"] = _case_id(Path(str(d[self.source_key].meta.get("filename_or_obj", "case"))))
+        summary = self.writer.write_case(d)
+        label = d[self.first_key(d)]
+        d[self.followup_key] = d[self.pred_key]
+        d[self.pred_key] = MetaTensor(label[0].as_tensor().to(torch.uint8), affine=label.affine,
+                                      meta={"filename_or_obj": label.meta.get("filename_or_obj", "")})
+        d[self.result_key] = summary
+        return d

@@ -19,7 +19,8 @@ diffusions differ only in two hooks, as ``custom.engines.DiffusionPrepareBatch``
 Every diffusion calls the same denoiser ``network(torch.cat([x_t, y0], 1), timesteps, context)``.
 The inferers follow MONAI's ``Inferer`` contract: ``inferer(inputs, network)`` with the initial
 scan alone returns the generated follow-up (MONAI Label calls it this way); the lung-function
-text context is an optional keyword. The denoisers are trained by the one training step of
+text context is an optional keyword, and without it the text in the inputs' metadata (or the
+"not measured" text) is encoded. The denoisers are trained by the one training step of
 ``custom.engines`` (its prepare-batch classes), not here.
 """
 
@@ -125,7 +126,8 @@ class DiffusionSamplingInferer(Inferer):
         num_samples: samples drawn per case; the prediction is their mean.
         return_uncertainty: ``__call__`` returns ``[mean, std]`` as two channels instead of the mean alone.
         text_encoder: maps texts to context features (B, L, D); used only when no context is given.
-        default_text: the text encoded when no context is given (e.g. the "not measured" record).
+        default_text: the text encoded when no context is given and the inputs carry no text in their
+            metadata (e.g. the "not measured" record).
         progress: show a progress bar over the reverse steps.
         seed: seed of the sampling noise, fixed per call so that a case always gives the same
             sample; ``None`` uses the global random state.
@@ -134,6 +136,8 @@ class DiffusionSamplingInferer(Inferer):
         channels_last: pass the windows in ``channels_last_3d`` memory format (convert the network
             with ``network.to(memory_format=torch.channels_last_3d)`` too); faster convolutions on
             GPUs with tensor cores, same result up to rounding.
+        text_key: key of the lung-function text in the inputs' metadata (a ``MetaTensor``'s), encoded
+            when no context is given (``custom.clinical.text.LungFunctionTextd``'s ``image_key``).
     """
 
     def __init__(
@@ -153,6 +157,7 @@ class DiffusionSamplingInferer(Inferer):
         seed: int | None = 0,
         autocast_dtype: torch.dtype | str | None = None,
         channels_last: bool = False,
+        text_key: str = "text",
     ) -> None:
         super().__init__()
         self.scheduler = scheduler
@@ -179,6 +184,7 @@ class DiffusionSamplingInferer(Inferer):
         self.seed = seed
         self.autocast_dtype = getattr(torch, autocast_dtype) if isinstance(autocast_dtype, str) else autocast_dtype
         self.channels_last = channels_last
+        self.text_key = text_key
 
     def denoise(
         self, network: Callable, x_t: torch.Tensor, y0: torch.Tensor, timestep: int, context: torch.Tensor | None
@@ -232,10 +238,24 @@ class DiffusionSamplingInferer(Inferer):
             x_t, _ = scheduler.step(model_output, int(t), x_t, generator=generator)
         return x_t
 
-    def _context(self, batch_size: int, device: torch.device, context: torch.Tensor | None) -> torch.Tensor | None:
+    def _context(self, inputs: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor | None:
+        """The text context of the cases in ``inputs`` (B, 1, ...): ``context`` when given, else the encoded text.
+
+        Without ``context`` the text is the inputs' metadata's ``text_key`` when they carry one per
+        case (``custom.clinical.text.LungFunctionTextd`` with ``image_key`` puts it there; MONAI Label
+        calls ``inferer(image[None], network)`` with no context), else ``default_text``.
+        """
         if context is not None or self.text_encoder is None:
             return context
-        return self.text_encoder([self.default_text]).to(device).expand(batch_size, -1, -1)
+        batch_size, device = inputs.shape[0], inputs.device
+        texts = inputs.meta.get(self.text_key) if isinstance(inputs, MetaTensor) else None
+        texts = [texts] * batch_size if isinstance(texts, str) else texts
+        one_per_case = isinstance(texts, (list, tuple)) and len(texts) == batch_size
+        if not (one_per_case and all(isinstance(t, str) for t in texts)):
+            texts = [self.default_text] * batch_size
+        if len(set(texts)) == 1:
+            return self.text_encoder([texts[0]]).to(device).expand(batch_size, -1, -1)
+        return self.text_encoder(list(texts)).to(device)
 
     def _generator(self, device: torch.device) -> torch.Generator | None:
         if self.seed is None:
@@ -266,8 +286,8 @@ class DiffusionSamplingInferer(Inferer):
             num_samples: samples per case; ``None`` uses the inferer's ``num_samples``.
             generator: random generator of the sampling noise; ``None`` seeds one from ``seed``.
         """
+        context = self._context(inputs, context)
         y0 = plain_tensor(inputs)
-        context = self._context(y0.shape[0], y0.device, context)
         generator = generator if generator is not None else self._generator(y0.device)
         num_samples = num_samples or self.num_samples
         samples = torch.stack(
@@ -375,8 +395,8 @@ class ResidualShiftInferer(DiffusionSamplingInferer):
             network: the denoiser.
             context: text token features (B, L, D) or ``None``.
         """
+        context = self._context(inputs, context)
         y0 = plain_tensor(inputs)
-        context = self._context(y0.shape[0], y0.device, context)
         # MeanPredictionUNet's numbers: the step of t = T and the factor model_input applies to x_t there
         t = self.scheduler.num_train_timesteps - 1
         scale = float(self.model_input(torch.ones(1), t))

@@ -38,6 +38,17 @@ def test_template_units_missing_fields_and_no_record():
     assert LungFunctionTextd("record")({"patient": "P1"})["text"] == record_to_text(None)
 
 
+def test_text_also_goes_into_the_image_metadata_without_changing_the_callers_image():
+    import numpy as np
+    from monai.data import MetaTensor
+
+    image = MetaTensor(np.zeros((1, 2, 2, 2), np.float32), affine=np.diag([2.0, 2.0, 2.0, 1.0]))
+    case = LungFunctionTextd("record", image_key="image")({"image": image, "record": RECORD, "patient": "P1"})
+    assert case["image"].meta["text"] == case["text"] == record_to_text(RECORD)
+    assert np.allclose(case["image"].affine, image.affine) and "text" not in image.meta
+    assert "text" not in LungFunctionTextd("record")({"image": image, "record": RECORD})["image"].meta
+
+
 @pytest.mark.parametrize("field,value", [("FVC", "-100"), ("Percent", "250"), ("Sex", "unknown"), ("Age", "old"),
                                          ("FVC", "nan"), ("SmokingStatus", "sometimes")])
 def test_bad_records_name_patient_and_field(field, value):

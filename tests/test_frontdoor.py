@@ -38,25 +38,36 @@ def test_shipped_weights_load_safely_into_the_inference_network(bundle_root):
 
 
 def test_monai_label_style_inference_from_another_folder(bundle_root, raw_case, tmp_path, monkeypatch):
-    """What MONAI Label's bundle infer task does: parse keys, override bundle_root, load model.pt, call
-    ``inferer(image, network)`` with the image alone, then the post transforms."""
+    """What MONAI Label's bundle infer task does (tests/test_monailabel.py runs the real server): parse keys,
+    override bundle_root and the device (as a string), load model.pt, call ``inferer(image, network)`` with the
+    image alone, then ``post_transforms``, whose ``MonaiLabelResultd`` makes ``pred`` the fibrosis label map."""
     monkeypatch.chdir(tmp_path)
     parser = ConfigParser()
     parser.read_config(str(bundle_root / "configs" / "inference.json"))
-    parser.update({"bundle_root": str(bundle_root), **SMALL})
-    device = parser.get_parsed_content("device")
-    network = parser.get_parsed_content("network_def").to(device)
+    parser.update({"bundle_root": str(bundle_root), "device": "cpu", "output_dir": str(tmp_path / "out"), **SMALL})
+    network = parser.get_parsed_content("network_def").to("cpu")
     network.load_state_dict(torch.load(bundle_root / "models" / "model.pt", weights_only=True))
-    pre, inferer, post = (parser.get_parsed_content(k) for k in ("preprocessing", "inferer", "postprocessing"))
-    data = pre({"image": str(raw_case)})
-    pred = inferer(data["image"][None].to(device), network)
+    pre, inferer, post = (parser.get_parsed_content(k) for k in ("preprocessing", "inferer", "post_transforms"))
+    data = pre({"image": str(raw_case), "record": RECORD})
+    pred = inferer(data["image"][None].to("cpu"), network)
     data["pred"] = pred[0]
     data = post(data)
     initial = nib.load(str(raw_case))
-    assert tuple(data["pred"].shape[1:]) == initial.shape
+    assert tuple(data["followup"].shape[1:]) == initial.shape
+    assert np.allclose(np.asarray(data["followup"].affine), initial.affine)
+    # the result MONAI Label writes: the label map without its channel, in the initial scan's space
+    assert tuple(data["pred"].shape) == initial.shape and data["pred"].dtype == torch.uint8
     assert np.allclose(np.asarray(data["pred"].affine), initial.affine)
-    # the record-less text was used: every field "not measured"
-    assert inferer.default_text.count("not measured") == 7
+    assert torch.equal(data["pred"], torch.as_tensor(data["fibrosis"][0]).to(torch.uint8))
+    # its JSON answer: the record's text (which reached the model through the image's metadata), the numbers, files
+    result = data["result"]
+    assert result["patient"] == "SYN0000" and result["text"] == data["image"].meta["text"] != inferer.default_text
+    assert result["fibrosis"] == data["fibrosis_summary"] and 0.0 <= result["progression_probability"] <= 1.0
+    assert nib.load(result["files"]["followup"]).shape == initial.shape
+    json.dumps(result)  # what MONAI Label sends back must be plain JSON
+    # the same follow-up as the bundle's own inference with that record
+    expected = predict_followup(raw_case, RECORD, **SMALL)[0]["followup"]
+    assert np.abs(np.asarray(data["followup"][0]) - expected).max() < 0.05
 
 
 def test_monai_label_style_training_overrides(bundle_root, tmp_path):
@@ -154,6 +165,7 @@ def test_exported_archive_runs_inference_from_an_empty_folder(bundle_root, raw_c
     with zipfile.ZipFile(archive) as z:
         names = z.namelist()
         assert "cirresdiff_ipf/configs/inference.json" in names and "cirresdiff_ipf/models/model.pt" in names
+        assert "cirresdiff_ipf/models/classifier/model.pt" in names  # a folder of its own: MONAI Label's choices
         assert not any("/tests/" in n or "__pycache__" in n for n in names)
         z.extractall(tmp_path / "unpacked")
     folder = tmp_path / "unpacked" / "cirresdiff_ipf"
@@ -164,6 +176,15 @@ def test_exported_archive_runs_inference_from_an_empty_folder(bundle_root, raw_c
                             env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "out" / "SYN0000" / "followup.nii.gz").is_file()
+
+
+def test_export_refuses_a_second_weights_file_that_monai_label_would_offer(tmp_path):
+    (tmp_path / "models").mkdir()
+    for name in ("model.pt", "classifier.pt"):
+        (tmp_path / "models" / name).write_bytes(b"weights")
+    with pytest.raises(ValueError, match=r"\['classifier.pt'\] beside model.pt"):
+        export_bundle(tmp_path / "bundle.zip", root=tmp_path)
+    assert not (tmp_path / "bundle.zip").exists()
 
 
 def test_exported_program_runs_without_this_repository(bundle_root, tmp_path):

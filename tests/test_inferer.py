@@ -180,6 +180,36 @@ def test_monai_label_call_with_the_image_alone():
     assert inferer(y0, net).shape == y0.shape and texts == [["no record"]]
 
 
+def test_text_in_the_image_metadata_reaches_the_model_when_no_context_is_passed():
+    """MONAI Label calls ``inferer(image[None], network)``: the record's text rides in the image's metadata."""
+    from monai.data import MetaTensor
+
+    from custom.clinical.text import LungFunctionTextd
+
+    net = _Pointwise()
+    texts = []
+
+    def encoder(batch):
+        texts.append(list(batch))
+        return torch.stack([torch.full((3, 4), float(len(t))) for t in batch])
+
+    inferer = ResidualShiftInferer(ResidualShiftScheduler(), roi_size=8, text_encoder=encoder,
+                                   default_text="no record")
+    image = MetaTensor(torch.rand(1, 8, 8, 8), affine=torch.eye(4))
+    case = LungFunctionTextd("record", image_key="image")({"image": image, "record": {"FVC": 2400}})
+    y0 = case["image"][None]  # what MONAI Label's run_inferer passes
+    with_text = inferer(y0, net)
+    assert texts == [[case["text"]]] and "forced vital capacity 2400 ml" in case["text"]
+    assert not torch.allclose(with_text, inferer(image[None], net))  # no text in the metadata: the default
+    assert texts[-1] == ["no record"]
+    assert torch.equal(inferer(y0, net, context=encoder(["no record"])), inferer(image[None], net))  # context wins
+    # a collated batch carries one text per case
+    batch = MetaTensor(torch.rand(2, 1, 8, 8, 8), meta={"text": ["a", "bb"]})
+    batch.is_batch = True
+    inferer(batch, net)
+    assert texts[-1] == ["a", "bb"]
+
+
 def _toy_pair(g: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     x0 = torch.rand(n, 1, 16, 16, 16, generator=g) * 0.2 + 0.3
     y0 = x0.clone()

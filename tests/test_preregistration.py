@@ -118,9 +118,13 @@ def test_inference_maps_the_prediction_back_to_the_initial_scan(cohort: Path) ->
     parser["grid"] = "small"
     initial = cohort / "SYN0000" / "initial.nii.gz"
     d = parser.get_parsed_content("preprocessing")({"image": str(initial), "patient": "SYN0000"})
+    hu, affine = load_ct(initial)
+    # MONAI's convention, which MONAI Label's Restored reads: the grid image's metadata describes the scan as loaded
+    assert tuple(d["image"].shape[1:]) == GRIDS["small"].size != hu.shape
+    assert tuple(d["image"].meta["spatial_shape"]) == hu.shape
+    np.testing.assert_allclose(np.asarray(d["image"].meta["original_affine"]), affine)
     d["pred"] = d["image"].clone()  # a model that predicts no change
     d = parser.get_parsed_content("postprocessing#transforms#0")(d)
-    hu, affine = load_ct(initial)
     back = d["pred"]
     assert back.shape[1:] == hu.shape and d["change"].shape == back.shape
     np.testing.assert_allclose(np.asarray(back.affine), affine)

@@ -20,6 +20,7 @@ import os
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
+from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 NUMERIC_FIELDS = {
@@ -157,25 +158,36 @@ def build_tokenizer(max_length: int = 64):
 class LungFunctionTextd(MapTransform):
     """Write the lung-function record of a case as text (for the CLIP and denoiser text encoders).
 
-    A case without a record (key absent or ``None``) gets the all-"not measured" text.
+    A case without a record (key absent or ``None``) gets the all-"not measured" text. With
+    ``image_key`` the text also goes into that image's metadata (under ``text_key``): MONAI Label
+    passes the image alone to the inferer (``inferer(image[None], network)``), and
+    ``custom.inferer.DiffusionSamplingInferer`` reads the text from there when no context is given,
+    so a record sent with the request (``params={"record": {...}}``) reaches the model.
 
     Args:
         keys: key of the record (usually ``record``).
-        text_key: key receiving the text.
+        text_key: key receiving the text (and its key in the image's metadata).
         id_key: key of the patient id, used in error messages.
+        image_key: key of the image (a ``MetaTensor``) whose metadata also gets the text; ``None``: none.
     """
 
     def __init__(
-        self, keys: Sequence[Hashable] | Hashable = "record", text_key: str = "text", id_key: str = "patient"
+        self, keys: Sequence[Hashable] | Hashable = "record", text_key: str = "text", id_key: str = "patient",
+        image_key: str | None = None,
     ) -> None:
         super().__init__(keys, allow_missing_keys=True)
-        self.text_key, self.id_key = text_key, id_key
+        self.text_key, self.id_key, self.image_key = text_key, id_key, image_key
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
         key = self.first_key(d)
         record = d.get(key) if key != () else None
-        d[self.text_key] = record_to_text(record, str(d.get(self.id_key, "unknown patient")))
+        text = record_to_text(record, str(d.get(self.id_key, "unknown patient")))
+        d[self.text_key] = text
+        image = d.get(self.image_key) if self.image_key is not None else None
+        if isinstance(image, MetaTensor):
+            # a new MetaTensor on the same voxels: the caller's image and its metadata stay as they were
+            d[self.image_key] = MetaTensor(image.as_tensor(), meta={**image.meta, self.text_key: text})
         return d
 
 
