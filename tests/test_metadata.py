@@ -38,12 +38,16 @@ def test_metadata_rejects_a_broken_copy(bundle_root, schema_copy, tmp_path):
     assert result.returncode != 0
 
 
-def test_metadata_declares_both_package_lists_and_the_network_io(bundle_root):
-    meta = json.loads((bundle_root / "configs" / "metadata.json").read_text(encoding="utf-8"))
+def test_metadata_declares_the_packages_as_monai_reads_them_and_the_network_io(bundle_root):
+    """MONAI renames ``optional_packages_version`` to ``required_packages_version`` on loading (a deprecated
+    name): such a key would replace the real list, so the optional TotalSegmentator is named in the text only."""
+    path = bundle_root / "configs" / "metadata.json"
+    meta = json.loads(path.read_text(encoding="utf-8"))
     for key in ("monai_version", "pytorch_version", "numpy_version"):
         assert re.fullmatch(r"\d+\.\d+\.\d+", meta[key]), key
-    assert "antspyx" in meta["required_packages_version"]
-    assert "TotalSegmentator" in meta["optional_packages_version"]
+    required = ConfigParser.load_config_files(str(path))["required_packages_version"]
+    assert {"antspyx", "pytorch-ignite", "transformers"} <= set(required) and "TotalSegmentator" not in required
+    assert "optional_packages_version" not in meta and "TotalSegmentator" in meta["description"]
     fmt = meta["network_data_format"]
     # an image-to-image network: the initial CT in, the follow-up out (the context is an optional keyword)
     assert list(fmt["inputs"]) == ["image", "context"]
