@@ -5,6 +5,8 @@ as a whole, e.g. ``generate_cohort(seed=1)``) is predicted with the inference co
 text encoder and inferer, and scored with ``custom.evaluation`` (lungs, disease-change region,
 dilated region; paired gains over identity with 95 % CIs). ``--samples N`` also scores one
 T-step posterior sample and the mean of N samples per case (slow: T network passes each).
+``--save-predictions`` writes each mean prediction (model grid, [0, 1]) to
+``<out>/predictions/<patient>.nii.gz``, for ``scripts/evaluate_progression.py``.
 
     python scripts/evaluate_heldout.py --prepared data/heldout/prepared --out runs/heldout
     python scripts/evaluate_heldout.py --prepared data/heldout/prepared --out runs/heldout --samples 8 --limit 10
@@ -25,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from custom.data import read_datalist  # noqa: E402
 from custom.evaluation import case_rows, write_report  # noqa: E402
+from custom.io import write_nifti  # noqa: E402
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,6 +65,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="score the first N cases only")
     parser.add_argument("--baselines-only", action="store_true", help="score the reference rows alone (no model)")
     parser.add_argument("--threshold", type=float, default=0.05)
+    parser.add_argument("--save-predictions", action="store_true", help="write each mean prediction as NIfTI")
     parser.add_argument("--override", action="append", default=[], help="inference config id=JSON value")
     args = parser.parse_args()
 
@@ -85,6 +89,11 @@ def main() -> None:
             context = None if text_encoder is None else text_encoder([record_to_text(case["record"], case["patient"])])
             prediction = inferer.predict_mean(y0, network, context)[0] * torch.as_tensor(case["mask"] > 0)
         times.append(time.perf_counter() - start)
+        if args.save_predictions and not args.baselines_only:
+            import nibabel as nib
+
+            affine = nib.load(entry["image"]).affine
+            write_nifti(args.out / "predictions" / f"{case['patient']}.nii.gz", np.asarray(prediction[0]), affine)
         rows.append(case_rows(prediction, case, args.threshold))
         if args.samples and not args.baselines_only:
             out = inferer.sample(y0, network, context, num_samples=args.samples)
