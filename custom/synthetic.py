@@ -813,6 +813,10 @@ def summarize_cohort(cohort_dir: str | os.PathLike) -> dict:
         "lesion_growth_ml_stable": growth(stable),
         "lesion_ml_baseline": mean_sd([s["lesion_ml"] for s in stats.values()]),
         "lung_ml": mean_sd([s["lung_ml"] for s in stats.values()]),
+        # lung volume on CT follows FVC, as in real ILD CT (the image correlate of the FVC in the text)
+        "lung_ml_FVC_correlation": (float(np.corrcoef([float(r["FVC"]) for r in rows],
+                                                      [stats[r["Patient"]]["lung_ml"] for r in rows])[0, 1])
+                                    if len(rows) > 2 else None),
         "inplane_spacing_mm": [float(spacings[:, 0].min()), float(spacings[:, 0].max())],
         "slice_spacing_mm": [float(spacings[:, 2].min()), float(spacings[:, 2].max())],
     }

@@ -21,6 +21,7 @@ from custom.synthetic import (
     patient_grid,
     patient_rng,
     sample_patient,
+    summarize_cohort,
     voxel_grid,
 )
 
@@ -170,6 +171,7 @@ def test_lung_volume_follows_fvc(cohort):
     wanted = np.array([sample_patient(r["Patient"], patient_rng(3, i)).lung_ml for i, r in enumerate(_rows(cohort))])
     np.testing.assert_allclose(rendered, wanted, rtol=0.12)
     assert np.corrcoef(fvc, rendered)[0, 1] > 0.8
+    assert summarize_cohort(cohort)["lung_ml_FVC_correlation"] == pytest.approx(np.corrcoef(fvc, rendered)[0, 1])
     np.testing.assert_allclose(wanted, [lung_volume_ml(v) for v in fvc], rtol=0.25)
 
 
