@@ -70,6 +70,13 @@ def check_output_dir(path: str | os.PathLike, min_free_mb: float = MIN_FREE_MB) 
     return path
 
 
+def _umask() -> int:
+    """The process's umask (reading it means setting it; it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """A binary file to write ``path`` through: a temporary file in the same folder, renamed into place.
@@ -86,6 +93,8 @@ def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file private (0600); the output gets the mode a plain open() would give it
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -122,6 +131,7 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700, as for atomic_open's files
         yield tmp
         # a rename cannot replace a non-empty folder
         if folder.exists():

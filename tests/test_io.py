@@ -164,6 +164,30 @@ def test_atomic_writers_leave_only_the_result(tmp_path: Path) -> None:
     assert gzip.decompress(nifti_bytes(array, affine))[:4] == (348).to_bytes(4, "little")
 
 
+def test_atomic_outputs_get_the_mode_of_a_plain_write_not_the_temporary_files_private_one(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    from custom.io import atomic_folder
+
+    old = os.umask(0o027)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+        with atomic_folder(tmp_path / "case") as folder:
+            (folder / "b.txt").write_text("b", encoding="utf-8")
+        with open(tmp_path / "plain.txt", "w", encoding="utf-8") as f:
+            f.write("plain")
+        os.mkdir(tmp_path / "plain")
+    finally:
+        os.umask(old)
+
+    def mode(name: str) -> int:
+        return stat.S_IMODE((tmp_path / name).stat().st_mode)
+
+    assert mode("a.json") == mode("plain.txt") == 0o640
+    assert mode("case") == mode("plain") == 0o750
+
+
 def test_an_interrupted_write_keeps_the_old_file_and_folder(tmp_path: Path) -> None:
     path = tmp_path / "out" / "model.pt"
     with atomic_open(path) as f:
