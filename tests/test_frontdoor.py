@@ -209,3 +209,12 @@ def test_exported_program_runs_without_this_repository(bundle_root, tmp_path):
     with torch.no_grad():
         expected = network.eval()(torch.full((1, 2, *window), 0.3), torch.tensor([7]), torch.zeros(1, 64, 256))
     assert abs(float(mean) - float(expected.mean())) < 1e-4
+
+
+def test_architecture_page_lists_every_module(bundle_root):
+    """docs/architecture.md has a row for every module of custom/ and cirresdiff_bundle/ (a new module needs one)."""
+    page = (bundle_root / "docs" / "architecture.md").read_text(encoding="utf-8")
+    modules = [p.relative_to(bundle_root).as_posix() for folder in ("custom", "cirresdiff_bundle")
+               for p in sorted((bundle_root / folder).rglob("*.py")) if p.name != "__init__.py"]
+    assert len(modules) > 20
+    assert [m for m in modules if f"| `{m}` |" not in page] == []
