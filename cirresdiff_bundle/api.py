@@ -16,6 +16,7 @@ import nibabel as nib
 import numpy as np
 
 from cirresdiff_bundle.runner import BUNDLE_ROOT, run_config
+from custom.progression import check_weeks  # noqa: E402  (custom is on the path once runner is imported)
 
 
 def _load(path: str | None) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -32,6 +33,7 @@ def predict_followup(
     records_csv: str | os.PathLike | None = None,
     output_dir: str | os.PathLike | None = None,
     num_samples: int = 1,
+    weeks: float = 52.0,
     bundle_root: str | os.PathLike = BUNDLE_ROOT,
     **overrides,
 ) -> list[dict]:
@@ -48,6 +50,8 @@ def predict_followup(
         num_samples: posterior samples to draw; more than one also returns their voxel-wise standard
             deviation as the uncertainty. The follow-up itself is the mean prediction (one network
             pass); ``prediction="sample"`` returns the mean of the samples instead.
+        weeks: interval to the follow-up, for the FVC forecast (1 to 260 weeks). The generated CT does
+            not depend on it yet: the shipped denoiser was trained without the interval (26-70 weeks).
         bundle_root: the bundle folder whose configs and models are used.
         overrides: further config ids of ``configs/inference.json`` and their values; plain values
             only: a ``$`` expression anywhere in them (or in ``record``) is refused, so input from
@@ -57,6 +61,8 @@ def predict_followup(
         One dict per case: ``patient``, ``followup`` (HU array, initial scan's space), ``affine``,
         ``change`` (HU), ``fibrosis`` (label map, ``custom.fibrosis.FIBROSIS_LABELS``), ``uncertainty``
         (HU or ``None``), ``progression_probability`` (or ``None`` without a trained classifier),
+        ``fvc_forecast`` (``weeks``, ``fvc_ml``, ``sd_ml``, ``decline_percent``, ``progression_probability``
+        of the FVC forecast; ``None`` without a record),
         ``text`` and ``summary`` (with the HAA shares under ``fibrosis``; paths when written).
     """
     with tempfile.TemporaryDirectory(prefix="cirresdiff_") as tmp:
@@ -72,7 +78,7 @@ def predict_followup(
             ["inference"], run_id="run", bundle_root=bundle_root, allow_code=False, input=str(Path(initial).resolve()),
             record=dict(record) if record is not None else None,
             records_csv=str(records_csv) if records_csv is not None else None, output_dir=str(out.resolve()),
-            num_samples=num_samples, **overrides,
+            num_samples=num_samples, weeks=float(check_weeks(weeks)), **overrides,
         )
         results = []
         for summary in workflow.parser.get_parsed_content("writer").written:
@@ -83,6 +89,7 @@ def predict_followup(
                 "change": _load(files["change"])[0], "fibrosis": _load(files["fibrosis"])[0],
                 "uncertainty": _load(files.get("uncertainty"))[0],
                 "progression_probability": summary["progression_probability"], "text": summary["text"],
+                "fvc_forecast": summary["fvc_forecast"],
                 "summary": summary if output_dir is not None else {k: v for k, v in summary.items() if k != "files"},
             })
         return results

@@ -150,7 +150,7 @@ class Commands:
         run_config(["train", *_ablation(ablation), "evaluate"], **_dataset(dataset), method_name=ablation, **overrides)
 
     def predict(self, input: str, record: str | None = None, records_csv: str | None = None, out: str | None = None,
-                samples: int = 1, **overrides) -> None:
+                samples: int = 1, weeks: float = 52.0, **overrides) -> None:
         """Predict the follow-up CT of one initial CT (file or DICOM folder) or of a folder of them.
 
         Args:
@@ -159,13 +159,14 @@ class Commands:
             records_csv: OSIC-style CSV of records by patient id (file or folder name).
             out: output folder (default runs/inference).
             samples: samples to draw; more than one also writes an uncertainty map.
+            weeks: interval to the follow-up for the FVC forecast (default 52; 1 to 260).
             overrides: further config ids and values of configs/inference.json.
         """
         from cirresdiff_bundle.api import predict_followup
 
         parsed = json.loads(record) if isinstance(record, str) else record
         results = predict_followup(input, record=parsed, records_csv=records_csv, output_dir=out, num_samples=samples,
-                                   **overrides)
+                                   weeks=weeks, **overrides)
         print(json.dumps([r["summary"] for r in results], indent=2))
 
     def demo(self) -> None:

@@ -20,11 +20,12 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from custom.classifier import pair_input
-from custom.clinical.text import read_lung_function
+from custom.clinical.text import RecordError, read_lung_function
 from custom.constants import HU_WINDOW
 from custom.figures import save_comparison_figure, save_fibrosis_figure
 from custom.geometry import denormalize, resample, voxel_spacing
 from custom.io import check_output_dir, write_json, write_nifti
+from custom.progression import ShippedForecaster, check_weeks
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +221,55 @@ class ProgressionProbabilityd(MapTransform):
         return d
 
 
+class FVCForecastd(MapTransform):
+    """The FVC forecast ``weeks`` after the initial scan, with its SD and the progression probability.
+
+    Runs in preprocessing, where the case still has its record (``custom.progression.ShippedForecaster``
+    on the record and the interval; see ``custom/progression.py`` for the model and the OSIC score
+    it is fitted for). Adds ``fvc_forecast`` (``weeks``, ``fvc_ml``, ``sd_ml``, ``decline_percent``,
+    ``progression_probability``); a case without a record, or without a forecaster, gets none.
+
+    Args:
+        forecaster: the fitted forecaster, or ``None``.
+        weeks: interval to the follow-up the forecast is for (1 to 260 weeks).
+        keys: key of the record.
+        id_key: key of the patient id, for error messages.
+    """
+
+    def __init__(self, forecaster: ShippedForecaster | None, weeks: float = 52.0, keys: Hashable = "record",
+                 id_key: str = "patient") -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        self.weeks = check_weeks(weeks)
+        if forecaster is not None and forecaster.needs_scans:
+            raise ValueError("the forecaster uses scan features, which inference does not compute before the "
+                             "prediction; fit it on the record and interval (scripts/fit_forecaster.py)")
+        self.forecaster, self.id_key = forecaster, id_key
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        key = self.first_key(d)
+        record = d.get(key) if key != () else None
+        if self.forecaster is None or not record:
+            return d
+        try:
+            d["fvc_forecast"] = self.forecaster.forecast(record, self.weeks)
+        except RecordError as e:
+            raise RecordError(f"{d.get(self.id_key, 'unknown patient')}: {e}") from None
+        return d
+
+
+def load_forecaster(path: str | os.PathLike) -> ShippedForecaster | None:
+    """The shipped FVC forecaster, or ``None`` (with a log line) when there is none.
+
+    Args:
+        path: forecaster JSON (``models/forecaster.json``, written by ``scripts/fit_forecaster.py``).
+    """
+    if not Path(path).is_file():
+        logger.warning(f"no FVC forecaster at {path}: no FVC forecast is made (scripts/fit_forecaster.py fits one)")
+        return None
+    return ShippedForecaster.load(path)
+
+
 def load_classifier(network: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Module | None:
     """The diagnostic classifier with its weights, or ``None`` (with a log line) when none was trained.
 
@@ -315,6 +365,7 @@ class InferenceWriter:
                 voxel_spacing(np.asarray(source.affine)), title=_fibrosis_title(pid, d.get("fibrosis_summary")),
             ))
         summary = {"patient": pid, "text": d.get("text"), "progression_probability": d.get("progression_probability"),
+                   "fvc_forecast": d.get("fvc_forecast"),
                    "prediction": {
                        "mean": "mean prediction", "sample": f"mean of {self.num_samples} posterior samples"
                    }.get(self.prediction, self.prediction),

@@ -21,13 +21,19 @@ sigma to zero), which ``optimal_sigma`` returns. AUCs come with a patient-level 
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 from sklearn.linear_model import Ridge
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import KFold
+
+from custom.io import write_json
 
 SIGMA_MIN_ML = 70.0
 """The OSIC metric's lower clip of the predicted standard deviation."""
@@ -179,16 +185,24 @@ class FVCForecaster:
     def __init__(self, alpha: float = 1.0, no_change: bool = False, folds: int = 5) -> None:
         self.alpha, self.no_change, self.folds = alpha, no_change, folds
         self.sigma: float | None = None
+        self.linear: dict[str, list[float] | float] | None = None
 
-    def _model(self, features: np.ndarray, change: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    def _linear(self, features: np.ndarray, change: np.ndarray) -> dict[str, list[float] | float]:
+        """The change model as plain numbers: ``change = intercept + coef . (x - mean) / sd``."""
+        n = features.shape[1]
         if self.no_change:
-            return lambda x: np.zeros(len(x))
-        if features.shape[1] == 0:
-            mean_change = float(change.mean())
-            return lambda x: np.full(len(x), mean_change)
+            return {"mean": [0.0] * n, "sd": [1.0] * n, "coef": [0.0] * n, "intercept": 0.0}
+        if n == 0:
+            return {"mean": [], "sd": [], "coef": [], "intercept": float(change.mean())}
         mean, sd = features.mean(0), features.std(0) + 1e-9
         ridge = Ridge(alpha=self.alpha).fit((features - mean) / sd, change)
-        return lambda x: ridge.predict((x - mean) / sd)
+        return {"mean": mean.tolist(), "sd": sd.tolist(), "coef": ridge.coef_.tolist(),
+                "intercept": float(ridge.intercept_)}
+
+    @staticmethod
+    def _apply(linear: dict, features: np.ndarray) -> np.ndarray:
+        mean, sd, coef = (np.asarray(linear[k], dtype=float) for k in ("mean", "sd", "coef"))
+        return float(linear["intercept"]) + ((features - mean) / sd) @ coef
 
     def fit(self, features: np.ndarray, fvc_initial: Sequence[float], fvc_followup: Sequence[float]) -> FVCForecaster:
         """Fit the change model on all patients and sigma on its cross-validated residuals.
@@ -205,9 +219,9 @@ class FVCForecaster:
         residuals = np.empty_like(change)
         splits = KFold(n_splits=min(self.folds, len(change)), shuffle=True, random_state=0).split(features)
         for train, held in splits:
-            residuals[held] = change[held] - self._model(features[train], change[train])(features[held])
+            residuals[held] = change[held] - self._apply(self._linear(features[train], change[train]), features[held])
         self.sigma = optimal_sigma(residuals)
-        self._predict_change = self._model(features, change)
+        self.linear = self._linear(features, change)
         return self
 
     def predict(self, features: np.ndarray, fvc_initial: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -217,11 +231,11 @@ class FVCForecaster:
             features: (patients, features) array with the training's columns.
             fvc_initial: FVC at the initial scan (ml).
         """
-        if self.sigma is None:
+        if self.sigma is None or self.linear is None:
             raise RuntimeError("fit the forecaster first")
         fvc_initial = np.asarray(fvc_initial, dtype=float)
         features = np.asarray(features, dtype=float).reshape(len(fvc_initial), -1)
-        return fvc_initial + self._predict_change(features), np.full(len(fvc_initial), self.sigma)
+        return fvc_initial + self._apply(self.linear, features), np.full(len(fvc_initial), self.sigma)
 
 
 TABULAR_FEATURES = ("weeks", "FVC", "weeks_x_FVC", "Percent", "weeks_x_Percent", "Age", "male", "ex_smoker",
@@ -238,12 +252,15 @@ def tabular_features(record: dict, weeks: float) -> dict[str, float]:
         record: the lung-function record at the initial scan (``FVC, Percent, Age, Sex, SmokingStatus``).
         weeks: weeks from the initial scan to the follow-up the forecast is for.
     """
-    smoking = str(record.get("SmokingStatus", ""))
-    fvc, percent = float(record["FVC"]), float(record["Percent"])
+    from custom.clinical.text import validate_record
+
+    fields = validate_record(record)  # OSIC spellings and case normalised, ranges checked
+    fvc, percent = float(fields["FVC"]), float(fields["Percent"])
+    smoking = fields.get("SmokingStatus")
     return {"weeks": float(weeks), "FVC": fvc, "weeks_x_FVC": weeks * fvc / 52.0, "Percent": percent,
-            "weeks_x_Percent": weeks * percent / 52.0, "Age": float(record["Age"]),
-            "male": float(str(record.get("Sex")) == "Male"), "ex_smoker": float(smoking == "Ex-smoker"),
-            "current_smoker": float(smoking == "Currently smokes")}
+            "weeks_x_Percent": weeks * percent / 52.0, "Age": float(fields["Age"]),
+            "male": float(fields.get("Sex") == "male"), "ex_smoker": float(smoking == "former smoker"),
+            "current_smoker": float(smoking == "current smoker")}
 
 
 def scan_features(initial_hu: np.ndarray, followup_hu: np.ndarray, lungs: np.ndarray,
@@ -266,3 +283,90 @@ def scan_features(initial_hu: np.ndarray, followup_hu: np.ndarray, lungs: np.nda
     return {"haa_percent_initial": haa["haa_percent_initial"],
             "haa_percent_change": haa["haa_percent_followup"] - haa["haa_percent_initial"],
             "lung_hu_change": float(np.asarray(followup_hu)[lung].mean() - np.asarray(initial_hu)[lung].mean())}
+
+
+MAX_WEEKS = 260.0
+"""The longest interval a forecast is made for (5 years; the cohorts span 26-70 weeks)."""
+
+
+def check_weeks(weeks: object) -> float:
+    """The interval to the follow-up, in weeks, as a float; a clear error for anything else.
+
+    Args:
+        weeks: weeks from the initial scan to the follow-up asked for.
+    """
+    try:
+        value = float(weeks)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"weeks must be a number of weeks to the follow-up, got {weeks!r}") from None
+    if not math.isfinite(value) or not 1.0 <= value <= MAX_WEEKS:
+        raise ValueError(f"weeks must be between 1 and {MAX_WEEKS:.0f} (weeks from the initial scan to the "
+                         f"follow-up), got {weeks!r}")
+    return value
+
+
+class ShippedForecaster:
+    """A fitted ``FVCForecaster`` with the names of its features, stored as JSON (plain numbers, no pickle).
+
+    Args:
+        forecaster: the fitted forecaster.
+        features: names of its feature columns (``TABULAR_FEATURES``, then any ``SCAN_FEATURES``).
+        provenance: what it was fitted on, for the model card and the outputs.
+    """
+
+    def __init__(self, forecaster: FVCForecaster, features: Sequence[str], provenance: str = "") -> None:
+        unknown = [f for f in features if f not in TABULAR_FEATURES and f not in SCAN_FEATURES]
+        if unknown:
+            raise ValueError(f"unknown forecaster features {unknown}")
+        self.forecaster, self.features, self.provenance = forecaster, list(features), provenance
+
+    @property
+    def needs_scans(self) -> bool:
+        return any(f in SCAN_FEATURES for f in self.features)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the forecaster as JSON (atomically)."""
+        return write_json(path, {"features": self.features, "sigma_ml": self.forecaster.sigma,
+                                 "linear": self.forecaster.linear, "provenance": self.provenance})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ShippedForecaster:
+        """Read a forecaster written by ``save``; a clear error for a missing or malformed file."""
+        path = Path(path)
+        try:
+            content = json.loads(path.read_text(encoding="utf-8"))
+            forecaster = FVCForecaster()
+            forecaster.sigma, forecaster.linear = float(content["sigma_ml"]), dict(content["linear"])
+            if not len(content["features"]) == len(forecaster.linear["coef"]) == len(forecaster.linear["mean"]):
+                raise ValueError("feature names and coefficients differ in number")
+            return cls(forecaster, content["features"], content.get("provenance", ""))
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a forecaster written by ShippedForecaster.save ({e})") from e
+
+    def forecast(self, record: Mapping, weeks: float, scans: Mapping[str, float] | None = None) -> dict[str, float]:
+        """Follow-up FVC (ml), its SD and the progression probability ``weeks`` after the initial scan.
+
+        Args:
+            record: the lung-function record at the initial scan (needs ``FVC``, ``Percent``, ``Age``).
+            weeks: interval to the follow-up (``check_weeks``).
+            scans: ``scan_features`` of (initial, predicted follow-up), when the forecaster uses them.
+        """
+        from custom.clinical.text import RecordError
+
+        weeks = check_weeks(weeks)
+        missing = [k for k in ("FVC", "Percent", "Age") if record.get(k) in (None, "")]
+        if missing:
+            raise RecordError(f"the FVC forecast needs {', '.join(missing)} in the lung-function record")
+        values = tabular_features(record, weeks)
+        if self.needs_scans:
+            if scans is None:
+                raise ValueError("this forecaster needs the scan features of the initial and predicted follow-up")
+            values.update(scans)
+        row = np.array([[values[f] for f in self.features]], dtype=float)
+        fvc0 = float(record["FVC"])
+        mean, sigma = self.forecaster.predict(row, [fvc0])
+        return {"weeks": weeks, "fvc_ml": float(mean[0]), "sd_ml": float(sigma[0]),
+                "decline_percent": float(100.0 * (fvc0 - mean[0]) / fvc0),
+                "progression_probability": float(progression_probability([fvc0], mean, sigma)[0])}

@@ -21,6 +21,7 @@ from cirresdiff_bundle.cli import main, root_cause
 from cirresdiff_bundle.export import export_bundle
 from custom.fibrosis import fibrosis_map, haa_summary, high_attenuation_area
 from custom.geometry import voxel_spacing
+from custom.progression import ShippedForecaster
 from custom.segmentation import segment_lungs
 
 RECORD = {"FVC": 2300, "Percent": 62.0, "Age": 71, "Sex": "Male", "SmokingStatus": "Ex-smoker"}
@@ -97,7 +98,7 @@ def test_monai_label_style_training_overrides(bundle_root, tmp_path):
     assert state["trainer"] == {"epoch": 1, "iteration": 1}
 
 
-def test_predict_followup_api_on_a_file_and_on_an_array(raw_case, tmp_path):
+def test_predict_followup_api_on_a_file_and_on_an_array(bundle_root, raw_case, tmp_path):
     result = predict_followup(raw_case, RECORD, output_dir=tmp_path / "out", **SMALL)[0]
     initial = nib.load(str(raw_case))
     assert result["followup"].shape == initial.shape and np.allclose(result["affine"], initial.affine)
@@ -112,8 +113,17 @@ def test_predict_followup_api_on_a_file_and_on_an_array(raw_case, tmp_path):
     after = high_attenuation_area(result["followup"], lungs, spacing)
     assert np.array_equal(result["fibrosis"], fibrosis_map(before, after)) and after.any()
     assert result["summary"]["fibrosis"] == pytest.approx(haa_summary(before, after, lungs, spacing))
-    again = predict_followup(np.asarray(initial.dataobj), RECORD, affine=initial.affine, **SMALL)[0]
+    again = predict_followup(np.asarray(initial.dataobj), RECORD, affine=initial.affine, weeks=78, **SMALL)[0]
     assert np.allclose(again["followup"], result["followup"], atol=1e-3)  # same seed, same input, same output
+    # the FVC forecast of the shipped forecaster at the interval asked for, also in prediction.json
+    shipped = ShippedForecaster.load(bundle_root / "models" / "forecaster.json")
+    assert result["fvc_forecast"] == pytest.approx(shipped.forecast(RECORD, 52))
+    assert result["fvc_forecast"]["weeks"] == 52
+    assert again["fvc_forecast"] == pytest.approx(shipped.forecast(RECORD, 78))
+    assert again["fvc_forecast"]["fvc_ml"] < result["fvc_forecast"]["fvc_ml"] < RECORD["FVC"]
+    written = json.loads((tmp_path / "out" / "SYN0000" / "prediction.json").read_text(encoding="utf-8"))
+    assert written["fvc_forecast"] == pytest.approx(result["fvc_forecast"])
+    assert predict_followup(raw_case, None, **SMALL)[0]["fvc_forecast"] is None  # no record, no forecast
 
 
 def test_lungs_that_do_not_fit_the_grid_are_refused_or_predicted_as_declared_crop(raw_case, tmp_path):
@@ -155,6 +165,13 @@ def test_cli_predict_and_exit_codes(raw_case, tmp_path, capsys):
     with pytest.raises(SystemExit) as bad_record:
         main(["predict", "--input", str(raw_case), "--record", json.dumps({"FVC": -3})])
     assert bad_record.value.code == 2 and "FVC" in capsys.readouterr().err
+    for weeks in ("-4", "1000", "soon"):
+        with pytest.raises(SystemExit) as bad_weeks:
+            main(["predict", "--input", str(raw_case), "--record", json.dumps(RECORD), "--weeks", weeks])
+        assert bad_weeks.value.code == 2 and "weeks must" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as no_fvc:
+        main(["predict", "--input", str(raw_case), "--record", json.dumps({"Percent": 60, "Age": 70})])
+    assert no_fvc.value.code == 2 and "the FVC forecast needs FVC" in capsys.readouterr().err
     help_text = subprocess.run([sys.executable, "-m", "cirresdiff_bundle.cli", "--help"], capture_output=True,
                                encoding="utf-8", errors="replace", env={**os.environ, "PAGER": "cat"})
     assert help_text.returncode == 0 and "predict" in help_text.stdout + help_text.stderr

@@ -173,3 +173,36 @@ def test_evaluate_progression_script_ranks_the_rows_by_what_they_can_know(tmp_pa
     assert len(report["per_patient"]) == 40 and "| image, generated follow-up |" in (
         tmp_path / "out" / "summary.md").read_text(encoding="utf-8")
     assert (tmp_path / "out" / "progression_roc_reliability.png").stat().st_size > 10_000
+
+
+def test_shipped_forecaster_round_trips_through_json_and_checks_its_inputs(tmp_path):
+    from custom.clinical.text import RecordError
+    from custom.progression import TABULAR_FEATURES, ShippedForecaster, check_weeks, tabular_features
+
+    rng = np.random.default_rng(2)
+    records = [{"FVC": float(rng.uniform(1500, 3500)), "Percent": float(rng.uniform(40, 100)), "Age": 70,
+                "Sex": "Male", "SmokingStatus": "Ex-smoker"} for _ in range(60)]
+    weeks = rng.uniform(26, 70, 60)
+    fvc0 = np.array([r["FVC"] for r in records])
+    fvc1 = fvc0 * (1 - 0.1 * weeks / 52) + rng.normal(0, 30, 60)
+    features = np.array([[tabular_features(r, w)[k] for k in TABULAR_FEATURES] for r, w in zip(records, weeks)])
+    shipped = ShippedForecaster(FVCForecaster().fit(features, fvc0, fvc1), TABULAR_FEATURES, provenance="test")
+    loaded = ShippedForecaster.load(shipped.save(tmp_path / "forecaster.json"))
+    record = {"FVC": 2500, "Percent": 70, "Age": 70, "Sex": "male", "SmokingStatus": "ex-smoker"}  # other spelling
+    at = {w: loaded.forecast(record, w) for w in (26, 52, 78)}
+    assert at[52] == pytest.approx(shipped.forecast(record, 52)) and loaded.provenance == "test"
+    # the cohort's decline grows with the interval, and so does the forecast's
+    assert at[26]["fvc_ml"] > at[52]["fvc_ml"] > at[78]["fvc_ml"]
+    assert at[26]["progression_probability"] < at[52]["progression_probability"] < at[78]["progression_probability"]
+    assert at[52]["decline_percent"] == pytest.approx(100 * (2500 - at[52]["fvc_ml"]) / 2500)
+    assert at[52]["fvc_ml"] == pytest.approx(2500 * (1 - 0.1), abs=60)
+    for bad in (-4, 0, 1000, float("nan"), "soon", None):
+        with pytest.raises(ValueError, match="weeks must"):
+            check_weeks(bad)
+    with pytest.raises(RecordError, match="needs FVC"):
+        loaded.forecast({"Percent": 70, "Age": 70}, 52)
+    (tmp_path / "broken.json").write_text('{"features": ["weeks"]}', encoding="utf-8")
+    with pytest.raises(ValueError, match="not a forecaster"):
+        ShippedForecaster.load(tmp_path / "broken.json")
+    with pytest.raises(ValueError, match="unknown forecaster features"):
+        ShippedForecaster(loaded.forecaster, ["height"])
