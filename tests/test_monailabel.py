@@ -217,6 +217,8 @@ def test_real_monai_label_server_serves_the_fibrosis_label_map_and_the_followup(
     assert haa["new_fibrosis_ml"] >= 0.0 and haa["lung_volume_ml"] > 0.0
     voxel_ml = float(np.prod(np.abs(np.diag(study.affine)[:3]))) / 1000.0
     assert haa["new_fibrosis_ml"] == pytest.approx(np.count_nonzero(label_map == 2) * voxel_ml, rel=1e-6)
+    forecast = result["fvc_forecast"]  # the record's FVC forecast at inference.json's default interval
+    assert forecast["weeks"] == 52 and 0 < forecast["fvc_ml"] < 10_000 and forecast["sd_ml"] >= 70
     if (bundle_root / "models" / "classifier" / "model.pt").is_file():
         assert 0.0 <= result["progression_probability"] <= 1.0
     # beside it, the bundle's own outputs: the follow-up CT in HU and the same label map
