@@ -254,16 +254,20 @@ class FVCForecastd(MapTransform):
         try:
             d["fvc_forecast"] = self.forecaster.forecast(record, self.weeks)
         except RecordError as e:
-            raise RecordError(f"{d.get(self.id_key, 'unknown patient')}: {e}") from None
+            raise RecordError(f"{d.get(self.id_key, 'unknown patient')}: {e} (or set forecaster_path to null to "
+                              "predict without the FVC forecast)") from None
         return d
 
 
-def load_forecaster(path: str | os.PathLike) -> ShippedForecaster | None:
+def load_forecaster(path: str | os.PathLike | None) -> ShippedForecaster | None:
     """The shipped FVC forecaster, or ``None`` (with a log line) when there is none.
 
     Args:
-        path: forecaster JSON (``models/forecaster.json``, written by ``scripts/fit_forecaster.py``).
+        path: forecaster JSON (``models/forecaster.json``, written by ``scripts/fit_forecaster.py``);
+            ``None``: predict without the FVC forecast.
     """
+    if path is None:
+        return None
     if not Path(path).is_file():
         logger.warning(f"no FVC forecaster at {path}: no FVC forecast is made (scripts/fit_forecaster.py fits one)")
         return None

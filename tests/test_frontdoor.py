@@ -172,6 +172,8 @@ def test_cli_predict_and_exit_codes(raw_case, tmp_path, capsys):
     with pytest.raises(SystemExit) as no_fvc:
         main(["predict", "--input", str(raw_case), "--record", json.dumps({"Percent": 60, "Age": 70})])
     assert no_fvc.value.code == 2 and "the FVC forecast needs FVC" in capsys.readouterr().err
+    without = predict_followup(raw_case, {"Percent": 60, "Age": 70}, forecaster_path=None, **SMALL)[0]
+    assert without["fvc_forecast"] is None and without["followup"].shape == nib.load(str(raw_case)).shape
     help_text = subprocess.run([sys.executable, "-m", "cirresdiff_bundle.cli", "--help"], capture_output=True,
                                encoding="utf-8", errors="replace", env={**os.environ, "PAGER": "cat"})
     assert help_text.returncode == 0 and "predict" in help_text.stdout + help_text.stderr
