@@ -78,7 +78,7 @@ def predict_followup(
             ["inference"], run_id="run", bundle_root=bundle_root, allow_code=False, input=str(Path(initial).resolve()),
             record=dict(record) if record is not None else None,
             records_csv=str(records_csv) if records_csv is not None else None, output_dir=str(out.resolve()),
-            num_samples=num_samples, weeks=float(check_weeks(weeks)), **overrides,
+            num_samples=num_samples, weeks=check_weeks(weeks), **overrides,
         )
         results = []
         for summary in workflow.parser.get_parsed_content("writer").written:

@@ -33,6 +33,8 @@ from sklearn.linear_model import Ridge
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import KFold
 
+from custom.clinical.text import RecordError, validate_record
+from custom.fibrosis import haa_summary, high_attenuation_area
 from custom.io import write_json
 
 SIGMA_MIN_ML = 70.0
@@ -252,8 +254,6 @@ def tabular_features(record: dict, weeks: float) -> dict[str, float]:
         record: the lung-function record at the initial scan (``FVC, Percent, Age, Sex, SmokingStatus``).
         weeks: weeks from the initial scan to the follow-up the forecast is for.
     """
-    from custom.clinical.text import validate_record
-
     fields = validate_record(record)  # OSIC spellings and case normalised, ranges checked
     fvc, percent = float(fields["FVC"]), float(fields["Percent"])
     smoking = fields.get("SmokingStatus")
@@ -273,8 +273,6 @@ def scan_features(initial_hu: np.ndarray, followup_hu: np.ndarray, lungs: np.nda
         lungs: lung mask or labels of the initial scan on that grid.
         spacing: voxel size in mm.
     """
-    from custom.fibrosis import haa_summary, high_attenuation_area
-
     lung = np.asarray(lungs) > 0
     if not lung.any():
         raise ValueError("the lung mask is empty: no scan features")
@@ -353,8 +351,6 @@ class ShippedForecaster:
             weeks: interval to the follow-up (``check_weeks``).
             scans: ``scan_features`` of (initial, predicted follow-up), when the forecaster uses them.
         """
-        from custom.clinical.text import RecordError
-
         weeks = check_weeks(weeks)
         missing = [k for k in ("FVC", "Percent", "Age") if record.get(k) in (None, "")]
         if missing:

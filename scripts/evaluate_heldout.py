@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 
@@ -34,8 +35,6 @@ BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 
 def load_case(entry: dict) -> dict:
     """The prepared images of one case as (1, D, H, W) float arrays, with its record and id."""
-    import nibabel as nib
-
     case = {"patient": entry["patient"], "record": entry.get("record")}
     for key in ("image", "target", "mask", "lungs", "new_lesions", "oracle"):
         if key in entry:
@@ -90,8 +89,6 @@ def main() -> None:
             prediction = inferer.predict_mean(y0, network, context)[0] * torch.as_tensor(case["mask"] > 0)
         times.append(time.perf_counter() - start)
         if args.save_predictions and not args.baselines_only:
-            import nibabel as nib
-
             affine = nib.load(entry["image"]).affine
             write_nifti(args.out / "predictions" / f"{case['patient']}.nii.gz", np.asarray(prediction[0]), affine)
         rows.append(case_rows(prediction, case, args.threshold))
