@@ -81,16 +81,7 @@ def run_demo(root: str | Path = BUNDLE_ROOT) -> dict:
              **DEMO_SETTINGS["train"]}
     times["train"] = _step("training DM-R-CIP", ["train"], **train)
     evaluation = runs / "evaluate"
-    method = "DM-R-CIP"
-    rejected = runs / "train" / "model_not_written.txt"
-    if rejected.is_file():
-        # The gate kept the weights from becoming model.pt; show what they do, named for what they are.
-        from custom.checkpoints import atomic_torch_save, safe_load
-
-        print("\n" + rejected.read_text(encoding="utf-8").strip() + "\n(the demo evaluates these weights anyway; "
-              "they are not a model to use)", flush=True)
-        atomic_torch_save(safe_load(runs / "train" / "last.pt")["ema"], models / "model.pt")
-        method = "DM-R-CIP (did not beat identity on validation)"
+    method = "DM-R-CIP" if weights_to_evaluate(runs / "train", models / "model.pt") else UNGATED.format("DM-R-CIP")
     times["evaluate"] = _step("evaluation on the test split", ["train", "evaluate"],
                               **{**train, "output_dir": str(evaluation), "method_name": method})
     classifier = {**common, "output_dir": str(runs / "classifier"),
@@ -126,6 +117,32 @@ def run_demo(root: str | Path = BUNDLE_ROOT) -> dict:
     print("\nWall time per step (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
     write_json(runs / "demo_summary.json", {"outputs": outputs, "seconds": times})
     return {"outputs": outputs, "seconds": times}
+
+
+UNGATED = "{} (did not beat identity on validation)"
+"""How a report names weights that the training gate kept from becoming a model."""
+
+
+def weights_to_evaluate(train_dir: Path, model_path: Path) -> bool:
+    """Put a finished run's weights at ``model_path`` for evaluation; False when the gate had rejected them.
+
+    A run whose validated model does not beat identity writes ``model_not_written.txt`` instead of
+    ``model_path``; a report still shows what those weights do (its last EMA weights), named for
+    what they are (``UNGATED``), so that a table is complete and honest.
+
+    Args:
+        train_dir: the run's output folder (``last.pt`` and the gate's report).
+        model_path: where the evaluation reads the weights.
+    """
+    rejected = train_dir / "model_not_written.txt"
+    if not rejected.is_file():
+        return True
+    from custom.checkpoints import atomic_torch_save, safe_load
+
+    print("\n" + rejected.read_text(encoding="utf-8").strip() + "\n(evaluated anyway; these weights are not a "
+          "model to use)", flush=True)
+    atomic_torch_save(safe_load(train_dir / "last.pt")["ema"], model_path)
+    return False
 
 
 def fig3_from_evaluation(prepared: Path, evaluation: Path, patient: str, path: Path) -> Path:
