@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,19 +78,29 @@ def safe_load(path: str | os.PathLike, map_location: str | torch.device | None =
         ) from e
 
 
-def load_network_weights(network: torch.nn.Module, path: str | os.PathLike, key: str = "network") -> torch.nn.Module:
+def load_network_weights(
+    network: torch.nn.Module, path: str | os.PathLike, key: str = "network", new_modules: Sequence[str] = ()
+) -> torch.nn.Module:
     """Load weights saved by this bundle into ``network`` with a clear error on a shape mismatch.
 
     Args:
         network: the network to fill (a DDP wrapper is unwrapped).
         path: a file holding a state dict, or a dict with the state dict under ``key``.
         key: entry of a full training checkpoint that holds the network weights.
+        new_modules: submodules the weights may lack (fine-tuning a network that gained them, e.g.
+            ``interval_embed``); they keep their initialisation. Every other weight must be there.
     """
     state = safe_load(path)
     if isinstance(state, Mapping) and key in state:
         state = state[key]
+    target = unwrap(network)
+    if new_modules:
+        state = dict(state)
+        for name, value in target.state_dict().items():
+            if name.split(".")[0] in new_modules and name not in state:
+                state[name] = value
     try:
-        unwrap(network).load_state_dict(state)
+        target.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(
             f"the weights in {path} do not fit this network (was it trained with another network "

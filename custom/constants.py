@@ -20,3 +20,7 @@ AIR_HU = -1000.0
 REGION_MARGIN_MM = 10.0
 """Dilation of the lungs into the region the model predicts (CIResDiff Sec. 2.1: the lungs plus a
 margin for the pleura and motion); preparation and inference read it from here."""
+
+DEFAULT_WEEKS = 52.0
+"""Interval from the initial scan to the follow-up, in weeks, when none is asked for (a year: the
+OSIC follow-up); the denoiser's interval embedding is centred on it."""

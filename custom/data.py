@@ -13,7 +13,10 @@ import os
 from collections.abc import Hashable, Mapping
 from pathlib import Path
 
+from monai.data import MetaTensor
 from monai.transforms import MapTransform
+
+from custom.progression import check_weeks
 
 logger = logging.getLogger(__name__)
 
@@ -172,4 +175,49 @@ class RegionAsLungsd(MapTransform):
                     logger.warning(f"a case has no '{key}': its region '{self.region_key}' stands in for the lungs")
                     RegionAsLungsd.warned = True
                 d[key] = d[self.region_key]
+        return d
+
+
+class FollowupIntervald(MapTransform):
+    """The interval from the initial scan to the follow-up, in weeks, as the model's ``weeks`` input.
+
+    Training and evaluation read each case's ``FollowupWeeks`` (its follow-up record in the
+    datalist); inference gives the interval asked for. With ``image_key`` it also goes into that
+    image's metadata, where the inferer finds it when MONAI Label calls ``inferer(image[None], network)``.
+
+    Args:
+        weeks: the interval asked for (inference, 1 to 260 weeks); ``None`` reads ``FollowupWeeks``
+            from ``record_key`` (an error names the patient when it is missing or invalid).
+        record_key: key of the case's follow-up record.
+        weeks_key: key receiving the interval (a float).
+        id_key: key of the patient id, used in error messages.
+        image_key: key of the image (a ``MetaTensor``) whose metadata also gets it; ``None``: none.
+    """
+
+    def __init__(self, weeks: float | None = None, record_key: str = "followup_record", weeks_key: str = "weeks",
+                 id_key: str = "patient", image_key: str | None = None) -> None:
+        super().__init__(record_key, allow_missing_keys=True)
+        self.weeks = None if weeks is None else check_weeks(weeks)
+        self.record_key, self.weeks_key, self.id_key, self.image_key = record_key, weeks_key, id_key, image_key
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        weeks = self.weeks
+        if weeks is None:
+            record = d.get(self.record_key) or {}
+            patient = d.get(self.id_key, "unknown patient")
+            if record.get("FollowupWeeks") is None:
+                raise ValueError(
+                    f"{patient}: no FollowupWeeks in '{self.record_key}': the model is conditioned on the interval "
+                    "between the scans, so every training and evaluation case needs it (weeks)"
+                )
+            try:
+                weeks = check_weeks(record["FollowupWeeks"])
+            except ValueError as error:
+                raise ValueError(f"{patient}: FollowupWeeks: {error}") from None
+        d[self.weeks_key] = weeks
+        image = d.get(self.image_key) if self.image_key is not None else None
+        if isinstance(image, MetaTensor):
+            # a new MetaTensor on the same voxels: the caller's image and its metadata stay as they were
+            d[self.image_key] = MetaTensor(image.as_tensor(), meta={**image.meta, self.weeks_key: weeks})
         return d

@@ -42,7 +42,7 @@ def plain_tensor(value: Any, device: torch.device | str | None = None, non_block
 
 
 class ConditionalPrepareBatch(PrepareBatch):
-    """Shared part of the prepare-batch classes: reading y0, x0 and the text context of a batch.
+    """Shared part of the prepare-batch classes: reading y0, x0, the text context and the interval of a batch.
 
     Args:
         text_encoder: maps the batch's lung-function texts to token features (B, L, D); ``None``
@@ -50,6 +50,8 @@ class ConditionalPrepareBatch(PrepareBatch):
         image_key: batch key of the initial scan y0.
         target_key: batch key of the follow-up scan x0.
         text_key: batch key of the lung-function texts.
+        weeks_key: batch key of the interval to the follow-up (``custom.data.FollowupIntervald``);
+            a batch without it gives the network no interval (its default).
     """
 
     def __init__(
@@ -58,11 +60,13 @@ class ConditionalPrepareBatch(PrepareBatch):
         image_key: str = "image",
         target_key: str = "target",
         text_key: str = "text",
+        weeks_key: str = "weeks",
     ) -> None:
         self.text_encoder = text_encoder
         self.image_key = image_key
         self.target_key = target_key
         self.text_key = text_key
+        self.weeks_key = weeks_key
 
     def images(self, batchdata: dict, device: torch.device | str | None, non_blocking: bool) -> tuple:
         return (plain_tensor(batchdata[self.image_key], device, non_blocking),
@@ -76,6 +80,13 @@ class ConditionalPrepareBatch(PrepareBatch):
                 f"the batch has no '{self.text_key}' entry: add the lung-function text transform to the preprocessing."
             )
         return self.text_encoder(list(batchdata[self.text_key])).to(device)
+
+    def network_kwargs(self, batchdata: dict, device: torch.device | str | None) -> dict[str, torch.Tensor | None]:
+        """The conditioning keywords of the network: the text ``context``, and ``weeks`` (B,) when the batch has it."""
+        kwargs = {"context": self.context(batchdata, device)}
+        if self.weeks_key in batchdata:
+            kwargs["weeks"] = plain_tensor(batchdata[self.weeks_key], device).float().reshape(-1)
+        return kwargs
 
 
 def loss_weight(lungs: torch.Tensor, region: torch.Tensor, outside_lung_weight: float) -> torch.Tensor:
@@ -115,7 +126,7 @@ class DiffusionPrepareBatch(ConditionalPrepareBatch):
     DDPM baseline (the paper's "DM"): ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` (Ho et al.
     2020) and the target follows the scheduler's ``prediction_type``: the noise (``"epsilon"``),
     x0 (``"sample"``) or the velocity (``"v_prediction"``). It returns inputs ``[x_t, y0]``
-    (B, 2, ...), the target and the kwargs ``timesteps`` and ``context`` of the network.
+    (B, 2, ...), the target and the kwargs ``timesteps``, ``context`` (and ``weeks``) of the network.
 
     With ``lungs_key`` the target is ``[target, weight]`` along the channels for ``WeightedMSELoss``
     (weights from ``loss_weight``).
@@ -127,6 +138,7 @@ class DiffusionPrepareBatch(ConditionalPrepareBatch):
         image_key: batch key of the initial scan y0.
         target_key: batch key of the follow-up scan x0.
         text_key: batch key of the lung-function texts.
+        weeks_key: batch key of the interval to the follow-up.
         lungs_key: batch key of the lung labels for a weighted loss; ``None`` returns the target alone.
         region_key: batch key of the dilated lung region (used with ``lungs_key``).
         outside_lung_weight: see ``loss_weight``.
@@ -139,11 +151,12 @@ class DiffusionPrepareBatch(ConditionalPrepareBatch):
         image_key: str = "image",
         target_key: str = "target",
         text_key: str = "text",
+        weeks_key: str = "weeks",
         lungs_key: str | None = None,
         region_key: str = "mask",
         outside_lung_weight: float = 0.1,
     ) -> None:
-        super().__init__(text_encoder, image_key, target_key, text_key)
+        super().__init__(text_encoder, image_key, target_key, text_key, weeks_key)
         self.scheduler = scheduler
         self.lungs_key, self.region_key = lungs_key, region_key
         self.outside_lung_weight = float(outside_lung_weight)
@@ -188,7 +201,7 @@ class DiffusionPrepareBatch(ConditionalPrepareBatch):
             lungs = plain_tensor(batchdata[self.lungs_key], device, non_blocking)
             region = plain_tensor(batchdata[self.region_key], device, non_blocking)
             target = torch.cat([target, loss_weight(lungs, region, self.outside_lung_weight)], dim=1)
-        return inputs, target, (), {"timesteps": timesteps, "context": self.context(batchdata, device)}
+        return inputs, target, (), {"timesteps": timesteps, **self.network_kwargs(batchdata, device)}
 
 
 class ResidualShiftPrepareBatch(DiffusionPrepareBatch):
@@ -233,13 +246,14 @@ class ResidualShiftPrepareBatch(DiffusionPrepareBatch):
 
 
 class SamplingPrepareBatch(ConditionalPrepareBatch):
-    """Evaluation and inference input: y0 for the sampler, x0 as the reference when known, the text context.
+    """Evaluation and inference input: y0 for the sampler, x0 as the reference when known, the conditioning.
 
     Args:
         text_encoder: see ``ConditionalPrepareBatch``.
         image_key: batch key of the initial scan y0.
         target_key: batch key of the follow-up scan x0.
         text_key: batch key of the lung-function texts.
+        weeks_key: batch key of the interval to the follow-up.
     """
 
     def __call__(
@@ -249,4 +263,4 @@ class SamplingPrepareBatch(ConditionalPrepareBatch):
         # At inference there is no follow-up to compare with.
         x0 = batchdata.get(self.target_key)
         x0 = None if x0 is None else torch.as_tensor(x0).to(device, non_blocking=non_blocking)
-        return y0, x0, (), {"context": self.context(batchdata, device)}
+        return y0, x0, (), self.network_kwargs(batchdata, device)

@@ -16,12 +16,13 @@ diffusions differ only in two hooks, as ``custom.engines.DiffusionPrepareBatch``
   the network sees x_t scaled by the scheduler; by default it returns the mean prediction, one
   network pass at t = T on x_T = y0, instead of samples.
 
-Every diffusion calls the same denoiser ``network(torch.cat([x_t, y0], 1), timesteps, context)``.
-The inferers follow MONAI's ``Inferer`` contract: ``inferer(inputs, network)`` with the initial
-scan alone returns the generated follow-up (MONAI Label calls it this way); the lung-function
-text context is an optional keyword, and without it the text in the inputs' metadata (or the
-"not measured" text) is encoded. The denoisers are trained by the one training step of
-``custom.engines`` (its prepare-batch classes), not here.
+Every diffusion calls the same denoiser ``network(torch.cat([x_t, y0], 1), timesteps, context)``
+(with ``weeks=``, the interval to the follow-up, when one is known). The inferers follow MONAI's
+``Inferer`` contract: ``inferer(inputs, network)`` with the initial scan alone returns the
+generated follow-up (MONAI Label calls it this way); the lung-function text context and the
+interval are optional keywords, and without them the text and interval in the inputs' metadata
+(or the "not measured" text and the network's default interval) are used. The denoisers are
+trained by the one training step of ``custom.engines`` (its prepare-batch classes), not here.
 """
 
 from __future__ import annotations
@@ -74,8 +75,8 @@ class _WindowNetwork:
     """The denoiser at one reverse step, as ``SlidingWindowInferer`` calls it: windows in, windows out.
 
     The sliding window passes ``sw_batch_size`` windows at a time; this broadcasts the step's
-    timestep and the case's context (1, L, D) to that window batch, runs the network (under
-    autocast when asked) and returns its output in the windows' dtype, so the blending and the
+    timestep, the case's context (1, L, D) and its interval (1,) to that window batch, runs the
+    network (under autocast when asked) and returns its output in the windows' dtype, so the blending and the
     scheduler update stay in full precision. With ``mean_input_scale`` the windows hold y0 alone
     and the network gets the mean prediction's input (``custom.networks.mean_prediction_input``),
     the image-to-image call of ``MeanPredictionUNet``.
@@ -83,11 +84,13 @@ class _WindowNetwork:
 
     def __init__(
         self, network: Callable, timestep: int, context: torch.Tensor | None, autocast_dtype: torch.dtype | None,
-        channels_last: bool = False, mean_input_scale: float | None = None,
+        channels_last: bool = False, mean_input_scale: float | None = None, weeks: torch.Tensor | None = None,
     ) -> None:
         self.network = network
         self.timestep = timestep
         self.context = context
+        # a network without an interval input is called as before
+        self.kwargs = {} if weeks is None else {"weeks": weeks}
         self.autocast_dtype = autocast_dtype
         self.channels_last = channels_last
         self.mean_input_scale = mean_input_scale
@@ -103,7 +106,7 @@ class _WindowNetwork:
         if self.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last_3d)
         with torch.autocast(windows.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            out = self.network(inputs, timesteps, context)
+            out = self.network(inputs, timesteps, context, **self.kwargs)
         return out.to(windows.dtype).contiguous()
 
 
@@ -138,6 +141,8 @@ class DiffusionSamplingInferer(Inferer):
             GPUs with tensor cores, same result up to rounding.
         text_key: key of the lung-function text in the inputs' metadata (a ``MetaTensor``'s), encoded
             when no context is given (``custom.clinical.text.LungFunctionTextd``'s ``image_key``).
+        weeks_key: key of the interval to the follow-up in the inputs' metadata, used when no
+            ``weeks`` is given (``custom.data.FollowupIntervald``'s ``image_key``).
     """
 
     def __init__(
@@ -158,6 +163,7 @@ class DiffusionSamplingInferer(Inferer):
         autocast_dtype: torch.dtype | str | None = None,
         channels_last: bool = False,
         text_key: str = "text",
+        weeks_key: str = "weeks",
     ) -> None:
         super().__init__()
         self.scheduler = scheduler
@@ -185,9 +191,11 @@ class DiffusionSamplingInferer(Inferer):
         self.autocast_dtype = getattr(torch, autocast_dtype) if isinstance(autocast_dtype, str) else autocast_dtype
         self.channels_last = channels_last
         self.text_key = text_key
+        self.weeks_key = weeks_key
 
     def denoise(
-        self, network: Callable, x_t: torch.Tensor, y0: torch.Tensor, timestep: int, context: torch.Tensor | None
+        self, network: Callable, x_t: torch.Tensor, y0: torch.Tensor, timestep: int, context: torch.Tensor | None,
+        weeks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The network's output over the whole volume at one step, blended from the windows.
 
@@ -197,8 +205,10 @@ class DiffusionSamplingInferer(Inferer):
             y0: the initial scan, (1, 1, ...).
             timestep: the step index given to the network.
             context: text features of this case (1, L, D) or ``None``.
+            weeks: the case's interval to the follow-up (1,) or ``None``.
         """
-        window_network = _WindowNetwork(network, timestep, context, self.autocast_dtype, self.channels_last)
+        window_network = _WindowNetwork(network, timestep, context, self.autocast_dtype, self.channels_last,
+                                        weeks=weeks)
         return self.window(torch.cat([x_t, y0], dim=1), window_network)
 
     def prior(self, y0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -220,7 +230,8 @@ class DiffusionSamplingInferer(Inferer):
         return x_t
 
     def sample_one(
-        self, network: Callable, y0: torch.Tensor, context: torch.Tensor | None, generator: torch.Generator | None
+        self, network: Callable, y0: torch.Tensor, context: torch.Tensor | None, generator: torch.Generator | None,
+        weeks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One sample of the follow-up for one case: x_T from ``prior``, then the scheduler's reverse steps.
 
@@ -229,12 +240,13 @@ class DiffusionSamplingInferer(Inferer):
             y0: the initial scan of one case, (1, 1, D, H, W).
             context: its text features (1, L, D) or ``None``.
             generator: random generator of the sampling noise, or ``None`` for the global state.
+            weeks: its interval to the follow-up (1,) or ``None``.
         """
         scheduler = self.scheduler.to(y0.device)
         scheduler.set_timesteps(self.num_inference_steps, device=y0.device)
         x_t = self.prior(y0, _randn(y0.shape, y0, generator))
         for t in self._steps(scheduler.timesteps.tolist()):
-            model_output = self.denoise(network, self.model_input(x_t, int(t)), y0, int(t), context)
+            model_output = self.denoise(network, self.model_input(x_t, int(t)), y0, int(t), context, weeks)
             x_t, _ = scheduler.step(model_output, int(t), x_t, generator=generator)
         return x_t
 
@@ -257,6 +269,16 @@ class DiffusionSamplingInferer(Inferer):
             return self.text_encoder([texts[0]]).to(device).expand(batch_size, -1, -1)
         return self.text_encoder(list(texts)).to(device)
 
+    def _weeks(self, inputs: torch.Tensor, weeks: torch.Tensor | float | None) -> torch.Tensor | None:
+        """The interval of every case in ``inputs`` as a (B,) tensor: ``weeks`` when given, else the inputs'
+        metadata's ``weeks_key``, else ``None`` (the network's default)."""
+        if weeks is None and isinstance(inputs, MetaTensor):
+            weeks = inputs.meta.get(self.weeks_key)
+        if weeks is None:
+            return None
+        weeks = torch.as_tensor(weeks, dtype=torch.float32, device=inputs.device).reshape(-1)
+        return weeks.expand(inputs.shape[0]) if weeks.numel() == 1 else weeks
+
     def _generator(self, device: torch.device) -> torch.Generator | None:
         if self.seed is None:
             return None
@@ -273,6 +295,7 @@ class DiffusionSamplingInferer(Inferer):
         context: torch.Tensor | None = None,
         num_samples: int | None = None,
         generator: torch.Generator | None = None,
+        weeks: torch.Tensor | float | None = None,
     ) -> SamplingOutput:
         """Draw samples of the follow-up of every case in ``inputs`` and summarise them.
 
@@ -285,8 +308,10 @@ class DiffusionSamplingInferer(Inferer):
             context: text token features (B, L, D) or ``None``.
             num_samples: samples per case; ``None`` uses the inferer's ``num_samples``.
             generator: random generator of the sampling noise; ``None`` seeds one from ``seed``.
+            weeks: interval to the follow-up, one per case or one for all; ``None`` reads the metadata.
         """
         context = self._context(inputs, context)
+        weeks = self._weeks(inputs, weeks)
         y0 = plain_tensor(inputs)
         generator = generator if generator is not None else self._generator(y0.device)
         num_samples = num_samples or self.num_samples
@@ -295,7 +320,7 @@ class DiffusionSamplingInferer(Inferer):
                 torch.cat(
                     [
                         self.sample_one(network, y0[b : b + 1], None if context is None else context[b : b + 1],
-                                        generator)
+                                        generator, None if weeks is None else weeks[b : b + 1])
                         for b in range(y0.shape[0])
                     ]
                 )
@@ -305,7 +330,8 @@ class DiffusionSamplingInferer(Inferer):
         return SamplingOutput(mean=samples.mean(0), std=samples.std(0, unbiased=False), samples=samples)
 
     def __call__(
-        self, inputs: torch.Tensor, network: Callable, context: torch.Tensor | None = None, *args, **kwargs
+        self, inputs: torch.Tensor, network: Callable, context: torch.Tensor | None = None,
+        weeks: torch.Tensor | float | None = None, *args, **kwargs
     ) -> torch.Tensor:
         """Generate the follow-up of every case in ``inputs`` (the initial scans, (B, 1, D, H, W)).
 
@@ -313,6 +339,7 @@ class DiffusionSamplingInferer(Inferer):
             inputs: initial scans y0.
             network: the denoiser.
             context: text token features (B, L, D) or ``None``.
+            weeks: interval to the follow-up (B,) or one number; ``None`` reads the inputs' metadata.
             args: unused, for the ``Inferer`` signature.
             kwargs: unused, for the ``Inferer`` signature.
 
@@ -320,16 +347,17 @@ class DiffusionSamplingInferer(Inferer):
             the follow-up (B, 1, ...): ``direct_prediction`` when it gives one, else the mean sample;
             ``[follow-up, std of the samples]`` (B, 2, ...) when ``return_uncertainty`` is set.
         """
-        followup = self.direct_prediction(inputs, network, context)
+        followup = self.direct_prediction(inputs, network, context, weeks)
         if followup is None or self.return_uncertainty:
-            out = self.sample(inputs, network, context)
+            out = self.sample(inputs, network, context, weeks=weeks)
             followup = out.mean if followup is None else followup
             if self.return_uncertainty:
                 followup = torch.cat([followup, out.std], dim=1)
         return _like_inputs(followup, inputs)
 
     def direct_prediction(
-        self, inputs: torch.Tensor, network: Callable, context: torch.Tensor | None
+        self, inputs: torch.Tensor, network: Callable, context: torch.Tensor | None,
+        weeks: torch.Tensor | float | None = None,
     ) -> torch.Tensor | None:
         """A follow-up computed without sampling, or ``None`` to return the mean of the samples (the default).
 
@@ -337,6 +365,7 @@ class DiffusionSamplingInferer(Inferer):
             inputs: initial scans y0, (B, 1, D, H, W).
             network: the denoiser.
             context: text token features (B, L, D) or ``None``.
+            weeks: interval to the follow-up or ``None``.
         """
         return None
 
@@ -379,7 +408,8 @@ class ResidualShiftInferer(DiffusionSamplingInferer):
 
     @torch.inference_mode()
     def predict_mean(
-        self, inputs: torch.Tensor, network: Callable, context: torch.Tensor | None = None
+        self, inputs: torch.Tensor, network: Callable, context: torch.Tensor | None = None,
+        weeks: torch.Tensor | float | None = None,
     ) -> torch.Tensor:
         """The conditional-mean follow-up: f(x_T = y0, y0, T), one sliding-window pass per case.
 
@@ -394,21 +424,25 @@ class ResidualShiftInferer(DiffusionSamplingInferer):
             inputs: initial scans y0, (B, 1, D, H, W).
             network: the denoiser.
             context: text token features (B, L, D) or ``None``.
+            weeks: interval to the follow-up, one per case or one for all; ``None`` reads the metadata.
         """
         context = self._context(inputs, context)
+        weeks = self._weeks(inputs, weeks)
         y0 = plain_tensor(inputs)
         # MeanPredictionUNet's numbers: the step of t = T and the factor model_input applies to x_t there
         t = self.scheduler.num_train_timesteps - 1
         scale = float(self.model_input(torch.ones(1), t))
         return torch.cat([
             self.window(y0[b : b + 1], _WindowNetwork(network, t, None if context is None else context[b : b + 1],
-                                                      self.autocast_dtype, self.channels_last, scale))
+                                                      self.autocast_dtype, self.channels_last, scale,
+                                                      None if weeks is None else weeks[b : b + 1]))
             for b in range(y0.shape[0])
         ])
 
     def direct_prediction(
-        self, inputs: torch.Tensor, network: Callable, context: torch.Tensor | None
+        self, inputs: torch.Tensor, network: Callable, context: torch.Tensor | None,
+        weeks: torch.Tensor | float | None = None,
     ) -> torch.Tensor | None:
         """The mean prediction in ``"mean"`` mode; ``None`` (the mean of the samples) in ``"sample"`` mode (arguments
         as in the base class)."""
-        return self.predict_mean(inputs, network, context) if self.prediction == "mean" else None
+        return self.predict_mean(inputs, network, context, weeks) if self.prediction == "mean" else None

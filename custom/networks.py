@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from custom.clinical.fusion import build_fusion
+from custom.constants import DEFAULT_WEEKS
 
 
 class AttentionGate(nn.Module):
@@ -99,9 +100,11 @@ class _Level(nn.Module):
 class AttentionDiffusionUNet(nn.Module):
     """3D attention U-Net denoiser of CIResDiff (Sec. 2.2 and Fig. 1), called like MONAI's DiffusionModelUNet.
 
-    ``forward(x, timesteps, context)``: x is ``[x_t, y0]`` (B, 2, D, H, W) with sides divisible by
-    ``2 ** (len(channels) - 1)``; timesteps (B,); context (B, L, context_dim) or ``None`` (then
-    text fusion is skipped, e.g. for MONAI Label calls without a lung-function record).
+    ``forward(x, timesteps, context, weeks)``: x is ``[x_t, y0]`` (B, 2, D, H, W) with sides divisible
+    by ``2 ** (len(channels) - 1)``; timesteps (B,); context (B, L, context_dim) or ``None`` (then
+    text fusion is skipped, e.g. for MONAI Label calls without a lung-function record); weeks (B,)
+    or (1,), the interval to the follow-up, or ``None`` for ``DEFAULT_WEEKS`` (used with
+    ``interval_conditioning`` only).
 
     Defaults: channels (32, 64, 128, 256), one residual block per level, text fusion at the two
     coarsest levels (24^3 and 12^3 for a 96^3 patch), bottleneck self-attention: 15.1 M parameters.
@@ -128,6 +131,11 @@ class AttentionDiffusionUNet(nn.Module):
             network predicts x0 as y0 plus a learned change. It still predicts x0 (CIResDiff's
             f(x_t, y0, t)); the skip only spares it from learning to copy y0's texture. Use it for
             x0 prediction (residual shift), not for noise prediction (DDPM baseline).
+        interval_conditioning: condition every residual block on the interval to the follow-up: an
+            MLP of weeks / DEFAULT_WEEKS - 1 added to the timestep embedding, as the timestep itself
+            conditions the blocks (how much the disease advances depends on the time it has). Its
+            last layer starts at zero, so weights trained without it load (``load_network_weights``'s
+            ``new_modules``) and predict exactly as before until fine-tuning teaches it.
     """
 
     def __init__(
@@ -144,6 +152,7 @@ class AttentionDiffusionUNet(nn.Module):
         fusion_mode: str = "standard",
         bottleneck_attention: bool = True,
         residual_output: bool = False,
+        interval_conditioning: bool = False,
         use_checkpointing: bool = False,
     ) -> None:
         super().__init__()
@@ -155,6 +164,12 @@ class AttentionDiffusionUNet(nn.Module):
         self.residual_output = residual_output
         temb = channels[0] * 4
         self.time_embed = nn.Sequential(nn.Linear(channels[0], temb), nn.SiLU(), nn.Linear(temb, temb))
+        self.interval_embed = None
+        self.default_weeks = DEFAULT_WEEKS  # an attribute: TorchScript reads no module-level floats
+        if interval_conditioning:
+            self.interval_embed = nn.Sequential(nn.Linear(1, temb), nn.SiLU(), nn.Linear(temb, temb))
+            nn.init.zeros_(self.interval_embed[-1].weight)
+            nn.init.zeros_(self.interval_embed[-1].bias)
         self.stem = nn.Conv3d(in_channels, channels[0], kernel_size=3, padding=1)
 
         def fusion(ch: int, level: int) -> nn.Module | None:
@@ -198,10 +213,15 @@ class AttentionDiffusionUNet(nn.Module):
             nn.init.zeros_(self.out[-1].weight)
             nn.init.zeros_(self.out[-1].bias)
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        return self.denoise(x, timesteps, context)
+    def forward(
+        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
+        weeks: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.denoise(x, timesteps, context, weeks)
 
-    def denoise(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    def denoise(
+        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None, weeks: torch.Tensor | None
+    ) -> torch.Tensor:
         """The denoiser's output for ``[x_t, y0]`` at ``timesteps`` (arguments as in the class docstring).
 
         Subclasses that change ``forward`` call this, as TorchScript compiles no ``super()``.
@@ -211,6 +231,11 @@ class AttentionDiffusionUNet(nn.Module):
             raise ValueError(f"spatial size {list(x.shape[2:])} must be divisible by {factor}.")
         timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
         emb = self.time_embed(get_timestep_embedding(timesteps, self.channels[0]).to(x.dtype))
+        if self.interval_embed is not None:
+            if weeks is None:
+                weeks = torch.full((1,), self.default_weeks, device=x.device)
+            interval = weeks.to(device=x.device, dtype=emb.dtype).reshape(-1, 1).expand(x.shape[0], 1)
+            emb = emb + self.interval_embed(interval / self.default_weeks - 1.0)
         h = self.stem(x)
         skips = []
         # zip stops at the last level, which has no downsampling (TorchScript indexes module lists by literals only)
@@ -252,11 +277,11 @@ def mean_prediction_input(y0: torch.Tensor, timestep: int, input_scale: float) -
 class MeanPredictionUNet(AttentionDiffusionUNet):
     """The denoiser as an image-to-image network: the initial scan in, its mean-prediction follow-up out.
 
-    ``forward(y0)`` or ``forward(y0, context=context)`` with y0 (B, 1, D, H, W) returns the mean
-    prediction (B, 1, D, H, W), the input of ``mean_prediction_input``: what MONAI's
+    ``forward(y0)`` or ``forward(y0, context=context, weeks=weeks)`` with y0 (B, 1, D, H, W) returns
+    the mean prediction (B, 1, D, H, W), the input of ``mean_prediction_input``: what MONAI's
     ``verify_net_in_out``, ``SlidingWindowInferer`` and ``ckpt_export`` expect of a bundle's
-    ``network_def``. ``forward(x, timesteps, context)`` is the denoiser itself, as the diffusion
-    sampler calls it. The step and the scale are plain numbers, not the scheduler module, so the
+    ``network_def``. ``forward(x, timesteps, context, weeks)`` is the denoiser itself, as the
+    diffusion sampler calls it. The step and the scale are plain numbers, not the scheduler module, so the
     parameters and the state dict are exactly the denoiser's: its weights load without renaming.
 
     Args:
@@ -271,8 +296,9 @@ class MeanPredictionUNet(AttentionDiffusionUNet):
         self.mean_input_scale = float(mean_input_scale)
 
     def forward(
-        self, x: torch.Tensor, timesteps: torch.Tensor | None = None, context: torch.Tensor | None = None
+        self, x: torch.Tensor, timesteps: torch.Tensor | None = None, context: torch.Tensor | None = None,
+        weeks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if timesteps is None:
             x, timesteps = mean_prediction_input(x, self.mean_timestep, self.mean_input_scale)
-        return self.denoise(x, timesteps, context)
+        return self.denoise(x, timesteps, context, weeks)

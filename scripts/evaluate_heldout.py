@@ -6,7 +6,9 @@ text encoder and inferer, and scored with ``custom.evaluation`` (lungs, disease-
 dilated region; paired gains over identity with 95 % CIs). ``--samples N`` also scores one
 T-step posterior sample and the mean of N samples per case (slow: T network passes each).
 ``--save-predictions`` writes each mean prediction (model grid, [0, 1]) to
-``<out>/predictions/<patient>.nii.gz``, for ``scripts/evaluate_progression.py``.
+``<out>/predictions/<patient>.nii.gz``, for ``scripts/evaluate_progression.py``. The model gets
+each case's own interval to the follow-up (``FollowupWeeks``); ``--weeks W`` gives every case W
+instead (e.g. 52, to measure what the interval input is worth).
 
     python scripts/evaluate_heldout.py --prepared data/heldout/prepared --out runs/heldout
     python scripts/evaluate_heldout.py --prepared data/heldout/prepared --out runs/heldout --samples 8 --limit 10
@@ -26,16 +28,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from custom.data import read_datalist  # noqa: E402
+from custom.data import FollowupIntervald, read_datalist  # noqa: E402
 from custom.evaluation import case_rows, write_report  # noqa: E402
 from custom.io import write_nifti  # noqa: E402
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_case(entry: dict) -> dict:
-    """The prepared images of one case as (1, D, H, W) float arrays, with its record and id."""
-    case = {"patient": entry["patient"], "record": entry.get("record")}
+def load_case(entry: dict, weeks: float | None = None) -> dict:
+    """The prepared images of one case as (1, D, H, W) float arrays, with its record, interval and id.
+
+    Args:
+        entry: the case's datalist entry (absolute paths).
+        weeks: the interval given to the model; ``None``: the case's own ``FollowupWeeks``.
+    """
+    case = {"patient": entry["patient"], "record": entry.get("record"),
+            "weeks": FollowupIntervald(weeks)(entry)["weeks"]}
     for key in ("image", "target", "mask", "lungs", "new_lesions", "oracle"):
         if key in entry:
             case[key] = np.asarray(nib.load(entry[key]).dataobj, dtype=np.float32)[None]
@@ -65,6 +73,8 @@ def main() -> None:
     parser.add_argument("--baselines-only", action="store_true", help="score the reference rows alone (no model)")
     parser.add_argument("--threshold", type=float, default=0.05)
     parser.add_argument("--save-predictions", action="store_true", help="write each mean prediction as NIfTI")
+    parser.add_argument("--weeks", type=float, default=None,
+                        help="interval given to every case (default: each case's FollowupWeeks)")
     parser.add_argument("--override", action="append", default=[], help="inference config id=JSON value")
     args = parser.parse_args()
 
@@ -79,28 +89,29 @@ def main() -> None:
         network.eval()
     rows, sample_rows, times = [], {"sample": [], f"mean_of_{args.samples}": []}, []
     for entry in entries:
-        case = load_case(entry)
+        case = load_case(entry, args.weeks)
         y0 = torch.as_tensor(case["image"])[None]
         start = time.perf_counter()
         if args.baselines_only:
             prediction = y0[0]
         else:
             context = None if text_encoder is None else text_encoder([record_to_text(case["record"], case["patient"])])
-            prediction = inferer.predict_mean(y0, network, context)[0] * torch.as_tensor(case["mask"] > 0)
+            region = torch.as_tensor(case["mask"] > 0)
+            prediction = inferer.predict_mean(y0, network, context, case["weeks"])[0] * region
         times.append(time.perf_counter() - start)
         if args.save_predictions and not args.baselines_only:
             affine = nib.load(entry["image"]).affine
             write_nifti(args.out / "predictions" / f"{case['patient']}.nii.gz", np.asarray(prediction[0]), affine)
         rows.append(case_rows(prediction, case, args.threshold))
         if args.samples and not args.baselines_only:
-            out = inferer.sample(y0, network, context, num_samples=args.samples)
-            region = torch.as_tensor(case["mask"] > 0)
+            out = inferer.sample(y0, network, context, num_samples=args.samples, weeks=case["weeks"])
             for name, pred in (("sample", out.samples[0, 0]), (f"mean_of_{args.samples}", out.mean[0])):
                 sample_rows[name].append(case_rows(pred * region, case, args.threshold))
         print(f"{case['patient']}: model {rows[-1]['model_psnr_lungs']:.2f} dB, identity "
               f"{rows[-1]['identity_psnr_lungs']:.2f} dB (lungs) in {times[-1]:.1f} s", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    extra = {"prepared": str(args.prepared), "seconds_per_case": float(np.mean(times)), "ckpt_dir": str(args.ckpt_dir)}
+    extra = {"prepared": str(args.prepared), "seconds_per_case": float(np.mean(times)), "ckpt_dir": str(args.ckpt_dir),
+             "weeks": "each case's FollowupWeeks" if args.weeks is None else args.weeks}
     summary = write_report(rows, args.out, f"mean prediction on {args.prepared}", extra)
     print((args.out / "summary.md").read_text(encoding="utf-8"))
     for name, these in sample_rows.items():

@@ -114,3 +114,13 @@ def test_weighted_loss_counts_the_lungs_fully_and_the_rest_of_the_region_a_littl
     assert noise_target.shape == (1, 2, 4, 4, 4) and torch.equal(noise_target[:, 1:], weight)
     assert torch.allclose(WeightedMSELoss()(prediction, noise_target),
                           ((prediction - noise_target[:, :1]) ** 2 * weight).sum() / weight.sum())
+
+
+def test_the_interval_reaches_the_network_in_training_and_evaluation_batches():
+    batch = {**_batch(), "weeks": torch.tensor([26.0, 52.0, 70.0], dtype=torch.float64)}
+    *_, kwargs = ResidualShiftPrepareBatch(ResidualShiftScheduler())(batch)
+    assert kwargs["weeks"].dtype == torch.float32 and kwargs["weeks"].tolist() == [26.0, 52.0, 70.0]
+    *_, kwargs = SamplingPrepareBatch()(batch)
+    assert kwargs["weeks"].tolist() == [26.0, 52.0, 70.0]
+    *_, kwargs = SamplingPrepareBatch()(_batch())
+    assert "weeks" not in kwargs  # no interval known: the network's default

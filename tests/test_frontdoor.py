@@ -85,7 +85,7 @@ def test_monai_label_style_training_overrides(bundle_root, tmp_path):
         for name, array in (("image", image), ("target", image + 0.05), ("mask", mask)):
             nib.save(nib.Nifti1Image(array, np.eye(4)), str(prepared / f"C{i}" / f"{name}.nii.gz"))
         files = {k: str(prepared / f"C{i}" / f"{k}.nii.gz") for k in ("image", "target", "mask")}
-        cases.append({"patient": f"C{i}", **files, "record": RECORD})
+        cases.append({"patient": f"C{i}", **files, "record": RECORD, "followup_record": {"FollowupWeeks": 52}})
     (prepared / "datalist.json").write_text(json.dumps({"training": [], "testing": []}), encoding="utf-8")
     run(
         "run", config_file=str(bundle_root / "configs" / "train.json"), bundle_root=str(bundle_root),

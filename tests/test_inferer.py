@@ -278,3 +278,54 @@ def test_channels_last_and_window_batching_keep_the_sample_equal():
     assert not torch.allclose(reference, y0, atol=1e-3)
     # float rounding accumulated over 15 steps; 1e-4 of the 1200 HU window is 0.12 HU
     assert torch.allclose(result, reference, atol=1e-4), float((result - reference).abs().max())
+
+
+class _WeeksNetwork(_Pointwise):
+    """``_Pointwise`` plus the interval: adds weeks / 100 to its output and records what it received."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weeks: list[list[float] | None] = []
+
+    def forward(self, x, timesteps, context=None, weeks=None):
+        self.weeks.append(None if weeks is None else weeks.tolist())
+        out = super().forward(x, timesteps, context)
+        return out if weeks is None else out + weeks.reshape(-1, 1, 1, 1, 1) / 100.0
+
+
+def test_the_interval_reaches_the_network_from_the_call_or_the_image_metadata():
+    from monai.data import MetaTensor
+
+    from custom.data import FollowupIntervald
+
+    net = _WeeksNetwork()
+    inferer = ResidualShiftInferer(ResidualShiftScheduler(), roi_size=8)
+    image = MetaTensor(torch.rand(1, 8, 8, 8), affine=torch.eye(4))
+    plain = inferer(image[None], net)
+    assert net.weeks[-1] is None
+    at_78 = inferer(image[None], net, weeks=78.0)
+    assert net.weeks[-1] == [78.0] and torch.allclose(at_78 - plain, torch.full_like(plain, 0.78), atol=1e-5)
+    case = FollowupIntervald(weeks=26, image_key="image")({"image": image})
+    assert case["weeks"] == 26.0 and "weeks" not in image.meta  # the caller's image is left as it was
+    from_meta = inferer(case["image"][None], net)
+    assert net.weeks[-1] == [26.0] and torch.allclose(from_meta - plain, torch.full_like(plain, 0.26), atol=1e-5)
+    two = torch.rand(2, 1, 8, 8, 8)
+    inferer.sample(two, net, weeks=torch.tensor([30.0, 60.0]))
+    assert net.weeks[-1] == [60.0]  # one case at a time, each with its own interval
+
+
+def test_followup_interval_is_read_from_the_follow_up_record_and_checked():
+    from custom.data import FollowupIntervald
+
+    read = FollowupIntervald()
+    assert read({"patient": "P1", "followup_record": {"FollowupWeeks": 38}})["weeks"] == 38.0
+    with pytest.raises(ValueError, match="P2: no FollowupWeeks"):
+        read({"patient": "P2", "followup_record": {"FollowupFVC": 2000}})
+    with pytest.raises(ValueError, match="P3: no FollowupWeeks"):
+        read({"patient": "P3"})
+    with pytest.raises(ValueError, match="P4: FollowupWeeks: weeks must be between 1 and 260"):
+        read({"patient": "P4", "followup_record": {"FollowupWeeks": -5}})
+    with pytest.raises(ValueError, match="weeks must be between"):
+        FollowupIntervald(weeks=1000)
+    # an interval asked for wins over the record's
+    assert FollowupIntervald(weeks=78)({"followup_record": {"FollowupWeeks": 38}})["weeks"] == 78.0

@@ -158,3 +158,41 @@ def test_scriptable_bottleneck_attention_is_monais_bit_for_bit():
     with torch.no_grad():
         ours, monais = net.mid_attention(h), SpatialAttentionBlock.forward(net.mid_attention, h)
     assert torch.equal(ours, monais) and ours.stride() == monais.stride()
+
+
+def test_interval_conditioning_starts_as_the_network_without_it_and_then_follows_the_weeks(tmp_path):
+    """Zero-initialised interval embedding: old weights load (new_modules) and predict as before; once trained,
+    the interval changes the output, None means the default 52 weeks, and TorchScript agrees."""
+    from custom.checkpoints import load_network_weights
+
+    old = _tiny(residual_output=True).eval()
+    _perturb(old)
+    torch.save(old.state_dict(), tmp_path / "old.pt")
+    new = _tiny(residual_output=True, interval_conditioning=True).eval()
+    with pytest.raises(ValueError, match="do not fit"):
+        load_network_weights(new, tmp_path / "old.pt")
+    load_network_weights(new, tmp_path / "old.pt", new_modules=["interval_embed"])
+    x, t = torch.rand(2, 2, 16, 16, 16), torch.tensor([3, 3])
+    with torch.no_grad():
+        assert torch.equal(new(x, t, weeks=torch.tensor([26.0, 78.0])), old(x, t))
+        for p in new.interval_embed.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+        short, long = new(x, t, weeks=torch.tensor([26.0])), new(x, t, weeks=torch.tensor([78.0]))
+        assert (short - long).abs().max() > 1e-4
+        assert torch.equal(new(x, t), new(x, t, weeks=torch.tensor([52.0])))
+        per_case = new(x, t, weeks=torch.tensor([26.0, 78.0]))
+        assert torch.allclose(per_case[:1], short[:1], atol=1e-6) and torch.allclose(per_case[1:], long[1:], atol=1e-6)
+    # the old file still lacks no weight but interval_embed's: any other missing weight is still an error
+    state = old.state_dict()
+    del state["stem.weight"]
+    torch.save(state, tmp_path / "broken.pt")
+    with pytest.raises(ValueError, match="do not fit"):
+        load_network_weights(new, tmp_path / "broken.pt", new_modules=["interval_embed"])
+    mean_net = MeanPredictionUNet(7, 1.0, channels=(8, 16, 32), attention_levels=(False, True, True),
+                                  norm_num_groups=4, num_head_channels=8, context_dim=12, interval_conditioning=True)
+    mean_net.load_state_dict(new.state_dict())
+    scripted = torch.jit.script(mean_net.eval())
+    y0, weeks = torch.rand(1, 1, 16, 16, 16), torch.tensor([30.0])
+    with torch.no_grad():
+        assert torch.allclose(scripted(y0, weeks=weeks), mean_net(y0, weeks=weeks), atol=1e-6)
+        assert not torch.allclose(mean_net(y0, weeks=weeks), mean_net(y0))

@@ -56,7 +56,7 @@ def prepared(tmp_path_factory):
             nib.save(nib.Nifti1Image(array, affine), str(root / pid / f"{name}.nii.gz"))
         entry = {"patient": pid, "image": f"{pid}/image.nii.gz", "target": f"{pid}/target.nii.gz",
                  "mask": f"{pid}/mask.nii.gz", "lungs": f"{pid}/lungs.nii.gz", "record": _record(i),
-                 "followup_record": {"Progression": progression, "FollowupFVC": 2000}}
+                 "followup_record": {"Progression": progression, "FollowupFVC": 2000, "FollowupWeeks": 40 + 4 * i}}
         if i < 6:
             entries["training"].append({**entry, "fold": i % 5})
         else:
@@ -137,7 +137,9 @@ def test_paper_scale_override_builds_the_paper_sized_network_and_windows(bundle_
     parser = ConfigParser()
     parser.read_config([str(bundle_root / "configs" / f"{name}.json") for name in ("train", "paper_scale")])
     network = parser.get_parsed_content("network_def")
-    assert sum(p.numel() for p in network.parameters()) == 15_122_436  # docs/benchmarks.md's default network
+    # docs/benchmarks.md's default network, plus the interval embedding (1 -> 128 -> 128) when it is on
+    expected = 15_122_436 + (256 + 16_512) * bool(parser["interval_conditioning"])
+    assert sum(p.numel() for p in network.parameters()) == expected
     assert tuple(parser.get_parsed_content("inferer").window.roi_size) == (96, 96, 96)
     assert parser["grid"] == "paper"
 
