@@ -50,6 +50,11 @@ def load_case(entry: dict, weeks: float | None = None) -> dict:
     return case
 
 
+def parse_overrides(pairs: list[str]) -> dict:
+    """``id=value`` strings (values in JSON) as inference config overrides."""
+    return {k: json.loads(v) for k, v in (pair.split("=", 1) for pair in pairs)}
+
+
 def build(ckpt_dir: Path, overrides: dict):
     """The inference config's network, inferer and text encoder (models from ``ckpt_dir``)."""
     from monai.bundle import ConfigParser
@@ -82,7 +87,7 @@ def main() -> None:
 
     content = read_datalist(args.datalist or args.prepared / "datalist.json")
     entries = [e for section in ("training", "validation", "testing") for e in content.get(section, [])][: args.limit]
-    overrides = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.override)}
+    overrides = parse_overrides(args.override)
     network = inferer = text_encoder = None
     if not args.baselines_only:
         network, inferer, text_encoder = build(args.ckpt_dir, overrides)

@@ -40,7 +40,7 @@ from custom.geometry import denormalize, voxel_spacing  # noqa: E402
 from custom.io import atomic_write_bytes, write_json  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evaluate_heldout import BUNDLE_ROOT, build, load_case  # noqa: E402
+from evaluate_heldout import BUNDLE_ROOT, build, load_case, parse_overrides  # noqa: E402
 
 
 def change_measures(followup: np.ndarray, initial: np.ndarray, lungs: np.ndarray, spacing: np.ndarray,
@@ -65,16 +65,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prepared", type=Path, required=True, help="prepared cohort folder (datalist.json)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--datalist", type=Path, default=None,
+                        help="datalist to score (default: <prepared>/datalist.json)")
     parser.add_argument("--ckpt-dir", type=Path, default=BUNDLE_ROOT / "models", help="model.pt and text_encoder/")
     parser.add_argument("--weeks", type=float, nargs="+", default=[26.0, 52.0, 78.0])
     parser.add_argument("--also-own", action="store_true", help="also predict at each case's own interval")
     parser.add_argument("--limit", type=int, default=None, help="the first N cases only")
+    parser.add_argument("--override", action="append", default=[], help="inference config id=JSON value")
     parser.add_argument("--threshold", type=float, default=0.05, help="change threshold of cases without lesion masks")
     args = parser.parse_args()
 
-    content = read_datalist(args.prepared / "datalist.json")
+    content = read_datalist(args.datalist or args.prepared / "datalist.json")
     entries = [e for section in ("training", "validation", "testing") for e in content.get(section, [])][: args.limit]
-    network, inferer, text_encoder = build(args.ckpt_dir, {})
+    network, inferer, text_encoder = build(args.ckpt_dir, parse_overrides(args.override))
     network.eval()
     rows, own_rows, default_rows = [], [], []
     for entry in entries:

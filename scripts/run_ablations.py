@@ -174,7 +174,11 @@ def main() -> None:
     out = args.out.resolve()
     paths = prepare_data((args.data or out / "data").resolve(), out / "models")
     settings = {**DEMO_SETTINGS["train"], **parse_overrides(args.override), **paths}
-    results = {name: [run_one(name, fold, out, settings) for fold in args.folds] for name in args.ablations}
+    results: dict[str, list[dict]] = {name: [] for name in args.ablations}
+    # fold by fold, so that a run stopped early has whole folds: `--folds 0 1` then tabulates them
+    for fold in args.folds:
+        for name in args.ablations:
+            results[name].append(run_one(name, fold, out, settings))
     ungated = {name: sum(not beat_identity(out, name, fold) for fold in args.folds) for name in args.ablations}
     per_row = rows(results, ungated)
     cases = next(iter(results.values()))[0]["cases"]
