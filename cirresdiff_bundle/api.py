@@ -64,7 +64,8 @@ def predict_followup(
         (HU or ``None``), ``progression_probability`` (or ``None`` without a trained classifier),
         ``fvc_forecast`` (``weeks``, ``fvc_ml``, ``sd_ml``, ``decline_percent``, ``progression_probability``
         of the FVC forecast; ``None`` without a record),
-        ``text`` and ``summary`` (with the HAA shares under ``fibrosis``; paths when written).
+        ``text``, ``weeks`` (the interval predicted for) and ``summary`` (with the HAA shares under
+        ``fibrosis``; paths when written).
     """
     with tempfile.TemporaryDirectory(prefix="cirresdiff_") as tmp:
         if isinstance(initial, np.ndarray):
@@ -90,7 +91,7 @@ def predict_followup(
                 "change": _load(files["change"])[0], "fibrosis": _load(files["fibrosis"])[0],
                 "uncertainty": _load(files.get("uncertainty"))[0],
                 "progression_probability": summary["progression_probability"], "text": summary["text"],
-                "fvc_forecast": summary["fvc_forecast"],
+                "weeks": summary["weeks"], "fvc_forecast": summary["fvc_forecast"],
                 "summary": summary if output_dir is not None else {k: v for k, v in summary.items() if k != "files"},
             })
         return results

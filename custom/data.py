@@ -208,8 +208,8 @@ class FollowupIntervald(MapTransform):
             patient = d.get(self.id_key, "unknown patient")
             if record.get("FollowupWeeks") is None:
                 raise ValueError(
-                    f"{patient}: no FollowupWeeks in '{self.record_key}': the model is conditioned on the interval "
-                    "between the scans, so every training and evaluation case needs it (weeks)"
+                    f"{patient}: no FollowupWeeks in '{self.record_key}': every training and evaluation case needs "
+                    "the interval between its scans (weeks), an input of the model"
                 )
             try:
                 weeks = check_weeks(record["FollowupWeeks"])

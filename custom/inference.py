@@ -368,8 +368,8 @@ class InferenceWriter:
                 folder / "fibrosis.png", np.asarray(source[0]), np.asarray(d["pred"][0]), np.asarray(d["fibrosis"][0]),
                 voxel_spacing(np.asarray(source.affine)), title=_fibrosis_title(pid, d.get("fibrosis_summary")),
             ))
-        summary = {"patient": pid, "text": d.get("text"), "progression_probability": d.get("progression_probability"),
-                   "fvc_forecast": d.get("fvc_forecast"),
+        summary = {"patient": pid, "text": d.get("text"), "weeks": d.get("weeks"),
+                   "progression_probability": d.get("progression_probability"), "fvc_forecast": d.get("fvc_forecast"),
                    "prediction": {
                        "mean": "mean prediction", "sample": f"mean of {self.num_samples} posterior samples"
                    }.get(self.prediction, self.prediction),

@@ -136,6 +136,13 @@ class AttentionDiffusionUNet(nn.Module):
             conditions the blocks (how much the disease advances depends on the time it has). Its
             last layer starts at zero, so weights trained without it load (``load_network_weights``'s
             ``new_modules``) and predict exactly as before until fine-tuning teaches it.
+        interval_scaling: make the predicted change linear in the interval (needs ``residual_output``):
+            x0 = y0 + s + (weeks / DEFAULT_WEEKS) d, where d is the output head's change per
+            DEFAULT_WEEKS (what a network trained without it predicts at the usual interval) and s a
+            zero-initialised, time-independent head (texture, denoising). The disease advances
+            with the time it has, as the cohort's does (``custom.synthetic.sample_patient``: decline
+            = yearly rate x weeks / 52) and as IPF's FVC decline is modelled over a year or two; an
+            embedding alone has to learn that from the spread of the training intervals.
     """
 
     def __init__(
@@ -153,9 +160,12 @@ class AttentionDiffusionUNet(nn.Module):
         bottleneck_attention: bool = True,
         residual_output: bool = False,
         interval_conditioning: bool = False,
+        interval_scaling: bool = False,
         use_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        if interval_scaling and not residual_output:
+            raise ValueError("interval_scaling scales the predicted change, so it needs residual_output=True.")
         if len(attention_levels) != len(channels):
             raise ValueError("attention_levels must have one entry per level of channels.")
         if any(c % norm_num_groups for c in channels):
@@ -212,6 +222,11 @@ class AttentionDiffusionUNet(nn.Module):
             # Start from the identity prediction x0 = y0, which training then has to beat.
             nn.init.zeros_(self.out[-1].weight)
             nn.init.zeros_(self.out[-1].bias)
+        self.static_out = None
+        if interval_scaling:
+            self.static_out = nn.Conv3d(channels[0], out_channels, 3, padding=1)
+            nn.init.zeros_(self.static_out.weight)
+            nn.init.zeros_(self.static_out.bias)
 
     def forward(
         self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
@@ -231,11 +246,12 @@ class AttentionDiffusionUNet(nn.Module):
             raise ValueError(f"spatial size {list(x.shape[2:])} must be divisible by {factor}.")
         timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
         emb = self.time_embed(get_timestep_embedding(timesteps, self.channels[0]).to(x.dtype))
+        if weeks is None:
+            weeks = torch.full((1,), self.default_weeks, device=x.device)
+        # the interval in units of DEFAULT_WEEKS, one per case
+        interval = weeks.to(device=x.device, dtype=emb.dtype).reshape(-1, 1).expand(x.shape[0], 1) / self.default_weeks
         if self.interval_embed is not None:
-            if weeks is None:
-                weeks = torch.full((1,), self.default_weeks, device=x.device)
-            interval = weeks.to(device=x.device, dtype=emb.dtype).reshape(-1, 1).expand(x.shape[0], 1)
-            emb = emb + self.interval_embed(interval / self.default_weeks - 1.0)
+            emb = emb + self.interval_embed(interval - 1.0)
         h = self.stem(x)
         skips = []
         # zip stops at the last level, which has no downsampling (TorchScript indexes module lists by literals only)
@@ -252,6 +268,8 @@ class AttentionDiffusionUNet(nn.Module):
             h = upsample(F.interpolate(h, size=skip.shape[2:], mode="nearest"))
             h = level(torch.cat([gate(skip, h), h], dim=1), emb, context)
         out = self.out(h)
+        if self.static_out is not None:
+            out = self.static_out(h) + interval.reshape(-1, 1, 1, 1, 1).to(out.dtype) * out
         return out + x[:, 1:2] if self.residual_output else out
 
 

@@ -113,8 +113,17 @@ def test_predict_followup_api_on_a_file_and_on_an_array(bundle_root, raw_case, t
     after = high_attenuation_area(result["followup"], lungs, spacing)
     assert np.array_equal(result["fibrosis"], fibrosis_map(before, after)) and after.any()
     assert result["summary"]["fibrosis"] == pytest.approx(haa_summary(before, after, lungs, spacing))
+    same = predict_followup(np.asarray(initial.dataobj), RECORD, affine=initial.affine, **SMALL)[0]
+    assert np.allclose(same["followup"], result["followup"], atol=1e-3)  # same seed, same input, same output
+    # a longer interval: the shipped model's predicted change is linear in it (interval_scaling), so it grows
     again = predict_followup(np.asarray(initial.dataobj), RECORD, affine=initial.affine, weeks=78, **SMALL)[0]
-    assert np.allclose(again["followup"], result["followup"], atol=1e-3)  # same seed, same input, same output
+    assert result["weeks"] == 52 and again["weeks"] == 78
+    shorter = predict_followup(np.asarray(initial.dataobj), RECORD, affine=initial.affine, weeks=26, **SMALL)[0]
+    later = (again["followup"] - result["followup"])[lungs > 0].mean()
+    sooner = (result["followup"] - shorter["followup"])[lungs > 0].mean()
+    assert later > 1.0  # HU: the lungs get denser with the time the disease has
+    # 26 more weeks add about the same, from 26 or from 52 (the interval embedding bends the line a little)
+    assert later == pytest.approx(sooner, rel=0.2)
     # the FVC forecast of the shipped forecaster at the interval asked for, also in prediction.json
     shipped = ShippedForecaster.load(bundle_root / "models" / "forecaster.json")
     assert result["fvc_forecast"] == pytest.approx(shipped.forecast(RECORD, 52))
@@ -122,7 +131,7 @@ def test_predict_followup_api_on_a_file_and_on_an_array(bundle_root, raw_case, t
     assert again["fvc_forecast"] == pytest.approx(shipped.forecast(RECORD, 78))
     assert again["fvc_forecast"]["fvc_ml"] < result["fvc_forecast"]["fvc_ml"] < RECORD["FVC"]
     written = json.loads((tmp_path / "out" / "SYN0000" / "prediction.json").read_text(encoding="utf-8"))
-    assert written["fvc_forecast"] == pytest.approx(result["fvc_forecast"])
+    assert written["fvc_forecast"] == pytest.approx(result["fvc_forecast"]) and written["weeks"] == 52
     assert predict_followup(raw_case, None, **SMALL)[0]["fvc_forecast"] is None  # no record, no forecast
 
 

@@ -196,3 +196,28 @@ def test_interval_conditioning_starts_as_the_network_without_it_and_then_follows
     with torch.no_grad():
         assert torch.allclose(scripted(y0, weeks=weeks), mean_net(y0, weeks=weeks), atol=1e-6)
         assert not torch.allclose(mean_net(y0, weeks=weeks), mean_net(y0))
+
+
+def test_interval_scaling_makes_the_change_linear_in_the_interval(tmp_path):
+    """From weights trained without it: the change at 52 weeks is the old one, half of it at 26 weeks, 1.5x at 78;
+    a trained time-independent head adds the same at every interval."""
+    from custom.checkpoints import load_network_weights
+
+    old = _tiny(residual_output=True).eval()
+    _perturb(old)
+    torch.save(old.state_dict(), tmp_path / "old.pt")
+    new = _tiny(residual_output=True, interval_scaling=True).eval()
+    load_network_weights(new, tmp_path / "old.pt", new_modules=["static_out"])
+    x, t = torch.rand(2, 2, 16, 16, 16), torch.tensor([3, 3])
+    y0 = x[:, 1:2]
+    with torch.no_grad():
+        change = old(x, t) - y0
+        assert torch.allclose(new(x, t) - y0, change, atol=1e-6)  # no interval: the default 52 weeks
+        for weeks, factor in ((26.0, 0.5), (78.0, 1.5)):
+            assert torch.allclose(new(x, t, weeks=torch.tensor([weeks])) - y0, factor * change, atol=1e-6)
+        new.static_out.bias.fill_(0.1)
+        both = new(x, t, weeks=torch.tensor([26.0, 78.0])) - y0
+        assert torch.allclose(both[:1], 0.1 + 0.5 * change[:1], atol=1e-6)
+        assert torch.allclose(both[1:], 0.1 + 1.5 * change[1:], atol=1e-6)
+    with pytest.raises(ValueError, match="residual_output"):
+        _tiny(interval_scaling=True)

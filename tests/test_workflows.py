@@ -137,8 +137,10 @@ def test_paper_scale_override_builds_the_paper_sized_network_and_windows(bundle_
     parser = ConfigParser()
     parser.read_config([str(bundle_root / "configs" / f"{name}.json") for name in ("train", "paper_scale")])
     network = parser.get_parsed_content("network_def")
-    # docs/benchmarks.md's default network, plus the interval embedding (1 -> 128 -> 128) when it is on
-    expected = 15_122_436 + (256 + 16_512) * bool(parser["interval_conditioning"])
+    # docs/benchmarks.md's default network, plus the interval embedding (1 -> 128 -> 128) and the
+    # time-independent head (32 -> 1, 3^3) when they are on
+    expected = (15_122_436 + (256 + 16_512) * bool(parser["interval_conditioning"])
+                + (32 * 27 + 1) * bool(parser["interval_scaling"]))
     assert sum(p.numel() for p in network.parameters()) == expected
     assert tuple(parser.get_parsed_content("inferer").window.roi_size) == (96, 96, 96)
     assert parser["grid"] == "paper"
