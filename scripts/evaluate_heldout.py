@@ -66,27 +66,38 @@ def build(ckpt_dir: Path, overrides: dict):
             parser.get_parsed_content("text_encoder"))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def common_arguments(description: str) -> argparse.ArgumentParser:
+    """The arguments every held-out script takes: the cohort, the output, the model and the inference overrides."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prepared", type=Path, required=True, help="prepared cohort folder (datalist.json)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--datalist", type=Path, default=None,
                         help="datalist to score (default: <prepared>/datalist.json)")
     parser.add_argument("--ckpt-dir", type=Path, default=BUNDLE_ROOT / "models", help="model.pt and text_encoder/")
-    parser.add_argument("--samples", type=int, default=0, help="also score 1 sample and the mean of N samples")
     parser.add_argument("--limit", type=int, default=None, help="score the first N cases only")
+    parser.add_argument("--threshold", type=float, default=0.05, help="change threshold of cases without lesion masks")
+    parser.add_argument("--override", action="append", default=[], help="inference config id=JSON value")
+    return parser
+
+
+def datalist_entries(args: argparse.Namespace) -> list[dict]:
+    """Every case of the datalist (all sections: the cohort is held out as a whole), the first ``--limit``."""
+    content = read_datalist(args.datalist or args.prepared / "datalist.json")
+    return [e for section in ("training", "validation", "testing") for e in content.get(section, [])][: args.limit]
+
+
+def main() -> None:
+    parser = common_arguments(__doc__)
+    parser.add_argument("--samples", type=int, default=0, help="also score 1 sample and the mean of N samples")
     parser.add_argument("--baselines-only", action="store_true", help="score the reference rows alone (no model)")
-    parser.add_argument("--threshold", type=float, default=0.05)
     parser.add_argument("--save-predictions", action="store_true", help="write each mean prediction as NIfTI")
     parser.add_argument("--weeks", type=float, default=None,
                         help="interval given to every case (default: each case's FollowupWeeks)")
-    parser.add_argument("--override", action="append", default=[], help="inference config id=JSON value")
     args = parser.parse_args()
 
     from custom.clinical.text import record_to_text
 
-    content = read_datalist(args.datalist or args.prepared / "datalist.json")
-    entries = [e for section in ("training", "validation", "testing") for e in content.get(section, [])][: args.limit]
+    entries = datalist_entries(args)
     overrides = parse_overrides(args.override)
     network = inferer = text_encoder = None
     if not args.baselines_only:

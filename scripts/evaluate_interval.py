@@ -21,7 +21,6 @@ against the same model given the default 52 weeks (``custom.evaluation`` reports
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -33,14 +32,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from custom.clinical.text import record_to_text  # noqa: E402
-from custom.data import read_datalist  # noqa: E402
 from custom.evaluation import case_rows, paired_difference, write_report  # noqa: E402
 from custom.fibrosis import high_attenuation_area  # noqa: E402
 from custom.geometry import denormalize, voxel_spacing  # noqa: E402
 from custom.io import atomic_write_bytes, write_json  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evaluate_heldout import BUNDLE_ROOT, build, load_case, parse_overrides  # noqa: E402
+from evaluate_heldout import build, common_arguments, datalist_entries, load_case, parse_overrides  # noqa: E402
 
 
 def change_measures(followup: np.ndarray, initial: np.ndarray, lungs: np.ndarray, spacing: np.ndarray,
@@ -62,21 +60,12 @@ def change_measures(followup: np.ndarray, initial: np.ndarray, lungs: np.ndarray
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prepared", type=Path, required=True, help="prepared cohort folder (datalist.json)")
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--datalist", type=Path, default=None,
-                        help="datalist to score (default: <prepared>/datalist.json)")
-    parser.add_argument("--ckpt-dir", type=Path, default=BUNDLE_ROOT / "models", help="model.pt and text_encoder/")
+    parser = common_arguments(__doc__)
     parser.add_argument("--weeks", type=float, nargs="+", default=[26.0, 52.0, 78.0])
     parser.add_argument("--also-own", action="store_true", help="also predict at each case's own interval")
-    parser.add_argument("--limit", type=int, default=None, help="the first N cases only")
-    parser.add_argument("--override", action="append", default=[], help="inference config id=JSON value")
-    parser.add_argument("--threshold", type=float, default=0.05, help="change threshold of cases without lesion masks")
     args = parser.parse_args()
 
-    content = read_datalist(args.datalist or args.prepared / "datalist.json")
-    entries = [e for section in ("training", "validation", "testing") for e in content.get(section, [])][: args.limit]
+    entries = datalist_entries(args)
     network, inferer, text_encoder = build(args.ckpt_dir, parse_overrides(args.override))
     network.eval()
     rows, own_rows, default_rows = [], [], []
