@@ -31,10 +31,14 @@ DEMO_SETTINGS = {
     # One validation, at the end (on the whole validation fold, with the mean predictor): its paired
     # lung-PSNR gain over identity decides whether the weights become model.pt. A short run needs a
     # short EMA horizon (momentum 0.01: about 100 iterations).
+    # The interval input is off: trained from scratch in 720 iterations, the model with it fell to
+    # -1.43 dB below identity on the test patients (+0.82 without it); the shipped model was
+    # fine-tuned into it from weights that already predicted the change.
     "train": {"max_epochs": 90, "val_interval": 100000, "patches_per_case": 2, "batch_size": 2,
-              "learning_rate": 0.002, "warmup_iterations": 50, "ema_momentum": 0.01, "num_workers": 0},
+              "learning_rate": 0.002, "warmup_iterations": 50, "ema_momentum": 0.01, "num_workers": 0,
+              "interval_conditioning": False, "interval_scaling": False},
     "train_classifier": {"max_epochs": 30},
-    "inference": {"grid": "demo"},
+    "inference": {"grid": "demo", "interval_conditioning": False, "interval_scaling": False},
 }
 """Per-workflow overrides of the demo (config ids and values); the network is the configs' default,
 the size of the shipped model."""
