@@ -50,9 +50,8 @@ def predict_followup(
         num_samples: posterior samples to draw; more than one also returns their voxel-wise standard
             deviation as the uncertainty. The follow-up itself is the mean prediction (one network
             pass); ``prediction="sample"`` returns the mean of the samples instead.
-        weeks: interval to the follow-up (1 to 260 weeks), for the FVC forecast and, with a denoiser
-            trained with ``interval_conditioning``, the generated CT; the shipped denoiser was
-            trained without it, so its CT is the same at every interval.
+        weeks: interval to the follow-up (1 to 260 weeks), for the FVC forecast and the generated CT
+            (the shipped denoiser's predicted change is linear in it, ``interval_scaling``).
         bundle_root: the bundle folder whose configs and models are used.
         overrides: further config ids of ``configs/inference.json`` and their values; plain values
             only: a ``$`` expression anywhere in them (or in ``record``) is refused, so input from

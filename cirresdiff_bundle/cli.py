@@ -159,8 +159,7 @@ class Commands:
             records_csv: OSIC-style CSV of records by patient id (file or folder name).
             out: output folder (default runs/inference).
             samples: samples to draw; more than one also writes an uncertainty map.
-            weeks: interval to the follow-up (default 52; 1 to 260): the FVC forecast's, and the generated CT's
-                with a denoiser trained with ``interval_conditioning``.
+            weeks: interval to the follow-up (default 52; 1 to 260), for the FVC forecast and the generated CT.
             overrides: further config ids and values of configs/inference.json.
         """
         from cirresdiff_bundle.api import predict_followup

@@ -246,11 +246,14 @@ class AttentionDiffusionUNet(nn.Module):
             raise ValueError(f"spatial size {list(x.shape[2:])} must be divisible by {factor}.")
         timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
         emb = self.time_embed(get_timestep_embedding(timesteps, self.channels[0]).to(x.dtype))
-        if weeks is None:
-            weeks = torch.full((1,), self.default_weeks, device=x.device)
-        # the interval in units of DEFAULT_WEEKS, one per case
-        interval = weeks.to(device=x.device, dtype=emb.dtype).reshape(-1, 1).expand(x.shape[0], 1) / self.default_weeks
-        if self.interval_embed is not None:
+        interval: torch.Tensor | None = None
+        if self.interval_embed is not None or self.static_out is not None:
+            if weeks is None:
+                weeks = torch.full((1,), self.default_weeks, device=x.device)
+            # the interval in units of DEFAULT_WEEKS, one per case
+            interval = weeks.to(device=x.device, dtype=emb.dtype).reshape(-1, 1).expand(x.shape[0], 1)
+            interval = interval / self.default_weeks
+        if self.interval_embed is not None and interval is not None:
             emb = emb + self.interval_embed(interval - 1.0)
         h = self.stem(x)
         skips = []
@@ -268,7 +271,7 @@ class AttentionDiffusionUNet(nn.Module):
             h = upsample(F.interpolate(h, size=skip.shape[2:], mode="nearest"))
             h = level(torch.cat([gate(skip, h), h], dim=1), emb, context)
         out = self.out(h)
-        if self.static_out is not None:
+        if self.static_out is not None and interval is not None:
             out = self.static_out(h) + interval.reshape(-1, 1, 1, 1, 1).to(out.dtype) * out
         return out + x[:, 1:2] if self.residual_output else out
 
