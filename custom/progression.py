@@ -103,6 +103,24 @@ def progression_probability(fvc_initial: Sequence[float], fvc_pred: Sequence[flo
     return np.where(z < 0, 0.5 * np.exp(np.minimum(z, 0.0)), 1.0 - 0.5 * np.exp(-np.maximum(z, 0.0)))
 
 
+def forecast_from_declines(fvc_initial: float, declines: Sequence[float]) -> tuple[float, float, float]:
+    """The forecast that maximises the expected OSIC score under a predictive distribution of the decline.
+
+    The location is the median follow-up FVC (the minimiser of the expected absolute error), the
+    sigma ``optimal_sigma`` of the errors about it; the progression probability is the share of
+    the distribution at a decline of 10 % or more. Returns ``(fvc_ml, sigma_ml, probability)``.
+
+    Args:
+        fvc_initial: FVC at the initial scan (ml).
+        declines: equally likely values of the relative decline at the follow-up.
+    """
+    declines = np.asarray(declines, dtype=float)
+    fvc = fvc_initial * (1.0 - declines)
+    location = float(np.median(fvc))
+    probability = float((declines >= PROGRESSION_DECLINE - 1e-9).mean())
+    return location, optimal_sigma(fvc - location), probability
+
+
 def brier_score(labels: Sequence[int], probabilities: Sequence[float]) -> float:
     """Mean squared difference between the predicted probability and the 0/1 outcome.
 

@@ -126,6 +126,50 @@ def predicted_fvc_ml(sex: str, age: float, height_cm: float) -> float:
     return 1000.0 * litres
 
 
+SMOKING_RATE = {"Never smoked": 0.0, "Ex-smoker": 0.02, "Currently smokes": 0.07}
+"""Yearly relative FVC decline added by each smoking status."""
+STABLE_FRACTION = 0.25
+"""Share of patients whose disease is near-stable: drawn at random, nothing at baseline shows it."""
+STABLE_FACTOR = 0.15
+"""Their yearly decline as a fraction of the baseline rate."""
+RATE_NOISE_SD = 0.025
+"""Patient-to-patient spread of the yearly decline around the law."""
+DECLINE_RANGE = (-0.03, 0.45)
+"""Clip of the relative decline at the follow-up."""
+
+
+def baseline_rate(percent: float, smoking: str) -> float:
+    """Yearly relative FVC decline the baseline predicts: faster with lower % predicted and with smoking.
+
+    Args:
+        percent: FVC % predicted at the initial scan.
+        smoking: smoking status, one of ``SMOKING``.
+    """
+    return 0.04 + 0.28 * (1.0 - percent / 100.0) + SMOKING_RATE[smoking]
+
+
+def decline_law(percent: float, smoking: str, weeks: float, quantiles: int = 2000) -> np.ndarray:
+    """The cohort's distribution of the relative FVC decline given everything observable at baseline.
+
+    What ``sample_patient`` draws, as ``quantiles`` equally likely values (a deterministic
+    quadrature of the two-component mixture: near-stable or not, each with normal spread). The
+    initial scan adds nothing to it: the lesion burden acts on the decline only through ``percent``.
+
+    Args:
+        percent: FVC % predicted at the initial scan.
+        smoking: smoking status, one of ``SMOKING``.
+        weeks: interval to the follow-up.
+        quantiles: quadrature points per component.
+    """
+    from scipy.stats import norm
+
+    base = baseline_rate(percent, smoking)
+    stable = int(round(quantiles * STABLE_FRACTION))
+    rates = [scale * base + RATE_NOISE_SD * norm.ppf((np.arange(n) + 0.5) / n)
+             for scale, n in ((STABLE_FACTOR, stable), (1.0, quantiles - stable))]
+    return np.clip(np.concatenate(rates) * weeks / 52.0, *DECLINE_RANGE)
+
+
 def sample_patient(patient_id: str, rng: np.random.Generator) -> Patient:
     """Draw one patient's lung-function tests and lesion burdens, consistently with each other.
 
@@ -142,11 +186,9 @@ def sample_patient(patient_id: str, rng: np.random.Generator) -> Patient:
     fvc = percent / 100.0 * predicted_fvc_ml(sex, age, height)
     dlco = float(np.clip(85.0 - 120.0 * burden + rng.normal(0, 7), 15, 110))
     weeks = float(np.clip(rng.normal(46, 8), 26, 70))
-    # Yearly relative decline: faster with lower % predicted and with smoking; a third are stable.
-    rate = (0.04 + 0.28 * (1.0 - percent / 100.0)
-            + {"Never smoked": 0.0, "Ex-smoker": 0.02, "Currently smokes": 0.07}[smoking])
-    rate = rate * (0.15 if rng.random() < 0.25 else 1.0) + rng.normal(0, 0.025)
-    decline = float(np.clip(rate * weeks / 52.0, -0.03, 0.45))
+    rate = baseline_rate(percent, smoking) * (STABLE_FACTOR if rng.random() < STABLE_FRACTION else 1.0)
+    rate = rate + rng.normal(0, RATE_NOISE_SD)
+    decline = float(np.clip(rate * weeks / 52.0, *DECLINE_RANGE))
     followup_fvc = fvc * (1.0 - decline)
     followup_burden = float(np.clip(burden + 1.1 * max(decline, 0.0), burden, 0.6))
     lung_ml = lung_volume_ml(fvc) * float(np.exp(rng.normal(0.0, 0.06)))

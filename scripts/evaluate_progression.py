@@ -14,6 +14,10 @@ high-attenuation area and mean lung HU change measured on the pair, ``custom.pro
 Reports the OSIC Laplace log-likelihood (mean, bootstrap CI, paired difference to the tabular row),
 and for progression (relative FVC decline >= 10 %) the ROC AUC with its bootstrap CI, the
 accuracy at probability 0.5 and the Brier score; draws ROC curves and a reliability plot.
+
+``--cohort-law`` adds, for a synthetic cohort, the row of the generator's own law given the
+baseline (``custom.synthetic.decline_law``: % predicted, smoking, interval): the best any forecaster
+of the initial scan, record and interval can do in expectation, so the ceiling of the generated row.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from custom.progression import (  # noqa: E402
     auc_with_ci,
     bootstrap_ci,
     brier_score,
+    forecast_from_declines,
     laplace_log_likelihood,
     progression_labels,
     progression_probability,
@@ -62,7 +67,8 @@ def load_patients(prepared: Path, predictions: Path | None) -> list[dict]:
         lungs = np.asarray(nib.load(entry["lungs"]).dataobj) > 0
         real = denormalize(np.asarray(nib.load(entry["target"]).dataobj, dtype=np.float32))
         patient = {"patient": entry["patient"], "fvc_initial": float(entry["record"]["FVC"]),
-                   "fvc_followup": float(future["FollowupFVC"]),
+                   "fvc_followup": float(future["FollowupFVC"]), "record": entry["record"],
+                   "weeks": float(future["FollowupWeeks"]),
                    "tabular": tabular_features(entry["record"], float(future["FollowupWeeks"])),
                    "scan_real": scan_features(initial, real, lungs, spacing)}
         if predictions is not None:
@@ -106,6 +112,8 @@ def main() -> None:
                         help="generated follow-ups, <patient>.nii.gz (evaluate_heldout.py --save-predictions)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--folds", type=int, default=5, help="cross-fitting folds")
+    parser.add_argument("--cohort-law", action="store_true",
+                        help="add the synthetic cohort's law given the baseline (the ceiling of baseline forecasts)")
     args = parser.parse_args()
 
     patients = load_patients(args.prepared, args.predictions)
@@ -118,11 +126,19 @@ def main() -> None:
         rows["image, generated follow-up"] = ("scan_predicted", False)
     per_patient = {p["patient"]: {"fvc_initial": p["fvc_initial"], "fvc_followup": p["fvc_followup"],
                                   "progression": int(y)} for p, y in zip(patients, labels)}
+    forecasts = {name: cross_fitted(feature_matrix(patients, scan), fvc0, fvc1, no_change, args.folds)
+                 for name, (scan, no_change) in rows.items()}
+    forecasts = {name: (mean, sigma, progression_probability(fvc0, mean, sigma))
+                 for name, (mean, sigma) in forecasts.items()}
+    if args.cohort_law:
+        from custom.synthetic import decline_law
+
+        law = np.array([forecast_from_declines(p["fvc_initial"], decline_law(
+            float(p["record"]["Percent"]), p["record"]["SmokingStatus"], p["weeks"])) for p in patients])
+        forecasts["cohort law from baseline (ceiling)"] = tuple(law.T)
     results, scores, probabilities = {}, {}, {}
-    for name, (scan, no_change) in rows.items():
-        mean, sigma = cross_fitted(feature_matrix(patients, scan), fvc0, fvc1, no_change, args.folds)
-        scores[name] = laplace_log_likelihood(fvc1, mean, sigma)
-        probabilities[name] = progression_probability(fvc0, mean, sigma)
+    for name, (mean, sigma, probability) in forecasts.items():
+        scores[name], probabilities[name] = laplace_log_likelihood(fvc1, mean, sigma), probability
         results[name] = {
             "laplace_log_likelihood": float(scores[name].mean()),
             "laplace_ci": bootstrap_ci(np.mean, scores[name]),

@@ -11,11 +11,16 @@ split), it scores in the lungs, as paired gains over identity:
 
     python scripts/sweep_kappa.py --prepared data/prepared --out runs/kappa --kappas 2.0 0.5 0.2 0.1 \\
         --override max_epochs=8 --cases 5
+
+``--demo`` trains and scores at the demo's scale (``cirresdiff_bundle.demo.DEMO_SETTINGS``: its training
+settings and the 4 mm grid; ``--prepared`` must then be prepared on that grid). The table also has each
+kappa's paired difference to the configs' kappa (``ResidualShiftScheduler``'s default) on the same cases.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -29,16 +34,25 @@ from cirresdiff_bundle.runner import run_config  # noqa: E402
 from custom.data import DatasetSplit  # noqa: E402
 from custom.evaluation import paired_difference  # noqa: E402
 from custom.metrics import masked_psnr  # noqa: E402
+from custom.scheduler import ResidualShiftScheduler  # noqa: E402
 from scripts.evaluate_heldout import build, load_case  # noqa: E402
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 
 
-def score(kappa: float, ckpt_dir: Path, cases: list[dict], seed: int) -> dict:
-    """Lung-PSNR gains over identity of the mean, one sample and f(x_t, y0, t) at every t, on ``cases``."""
+def score(kappa: float, ckpt_dir: Path, cases: list[dict], seed: int, overrides: dict) -> dict:
+    """Lung-PSNR gains over identity of the mean, one sample and f(x_t, y0, t) at every t, on ``cases``.
+
+    Args:
+        kappa: the noise scale the denoiser was trained with.
+        ckpt_dir: folder of its ``model.pt`` and ``text_encoder/``.
+        cases: validation datalist entries.
+        seed: seed of the sample and of the noise of x_t.
+        overrides: inference config overrides (the grid, the network's options).
+    """
     from custom.clinical.text import record_to_text
 
-    network, inferer, text_encoder = build(ckpt_dir, {"scheduler#kappa": kappa,
+    network, inferer, text_encoder = build(ckpt_dir, {**overrides, "scheduler#kappa": kappa,
                                                       "model_path": str(ckpt_dir / "model.pt")})
     network.eval()
     scheduler = inferer.scheduler
@@ -69,6 +83,7 @@ def score(kappa: float, ckpt_dir: Path, cases: list[dict], seed: int) -> dict:
         "mean_gain": paired_difference(np.array(rows["mean"]), identity),
         "sample_gain": paired_difference(np.array(rows["sample"]), identity),
         "x0_gain_by_step": {t: float(np.mean(v) - identity.mean()) for t, v in steps.items()},
+        "per_case": rows,
         "cases": len(cases),
     }
 
@@ -82,8 +97,14 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=5, help="validation cases scored per kappa")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--override", action="append", default=[], help="train.json id=JSON value")
+    parser.add_argument("--demo", action="store_true", help="the demo's training settings and 4 mm grid")
     args = parser.parse_args()
     overrides = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.override)}
+    inference = {}
+    if args.demo:
+        from cirresdiff_bundle.demo import DEMO_SETTINGS
+
+        overrides, inference = {**DEMO_SETTINGS["train"], **overrides}, DEMO_SETTINGS["inference"]
     cases = DatasetSplit(args.prepared / "datalist.json", val_fold=0).validation(args.cases)
     results = {}
     for kappa in args.kappas:
@@ -98,18 +119,25 @@ def main() -> None:
                                                    "model_path": str(ckpt / "model.pt"),
                                                    "min_gain_db": -1000.0, "num_val_cases": args.cases,
                                                    "scheduler#kappa": kappa, **overrides})
-            result = score(kappa, ckpt, cases, args.seed)
+            result = score(kappa, ckpt, cases, args.seed, inference)
             (run / "result.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
         results[kappa] = json.loads((run / "result.json").read_text(encoding="utf-8"))
         r = results[kappa]
         print(f"kappa {kappa}: mean {r['mean_gain']['mean']:+.2f} dB, one sample {r['sample_gain']['mean']:+.2f} dB "
               f"(lungs, vs identity, {r['cases']} validation cases)", flush=True)
-    lines = ["| kappa | mean prediction gain (dB) | one-sample gain (dB) | x0 gain at t = 1 / 8 / 15 (dB) |",
-             "|---|---|---|---|"]
+    default = inspect.signature(ResidualShiftScheduler).parameters["kappa"].default
+    reference = results.get(default)
+    lines = ["| kappa | mean prediction gain (dB) | one-sample gain (dB) | x0 gain at t = 1 / 8 / 15 (dB) "
+             f"| mean prediction - kappa {default} (dB) |", "|---|---|---|---|---|"]
     for kappa, r in results.items():
         by = r["x0_gain_by_step"]
         cells = [f"{r[k]['mean']:+.2f} [{r[k]['low']:+.2f}, {r[k]['high']:+.2f}]" for k in ("mean_gain", "sample_gain")]
-        lines.append(f"| {kappa} | {cells[0]} | {cells[1]} | {by['0']:+.2f} / {by['7']:+.2f} / {by['14']:+.2f} |")
+        versus = "-"
+        if reference is not None and kappa != default:
+            d = paired_difference(np.array(r["per_case"]["mean"]), np.array(reference["per_case"]["mean"]))
+            versus = f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
+        lines.append(f"| {kappa} | {cells[0]} | {cells[1]} | {by['0']:+.2f} / {by['7']:+.2f} / {by['14']:+.2f} "
+                     f"| {versus} |")
     (args.out / "kappa.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (args.out / "kappa.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
     print("\n".join(lines))

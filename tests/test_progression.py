@@ -13,6 +13,7 @@ from custom.progression import (
     auc_with_ci,
     bootstrap_ci,
     brier_score,
+    forecast_from_declines,
     laplace_log_likelihood,
     optimal_sigma,
     progression_labels,
@@ -58,6 +59,15 @@ def test_progression_probability_is_the_laplace_cdf_at_ninety_percent():
     rng = np.random.default_rng(0)
     draws = rng.laplace(1850.0, 120 / math.sqrt(2), 200_000)
     assert progression_probability([2000], [1850], 120)[0] == pytest.approx((draws <= 1800).mean(), abs=0.005)
+
+
+def test_forecast_from_declines_on_hand_computed_values():
+    # FVC 1000 ml, declines 0 / 10 / 20 %: follow-ups 1000 / 900 / 800, median 900, mean |error| 200/3
+    fvc, sigma, probability = forecast_from_declines(1000.0, [0.0, 0.1, 0.2])
+    assert fvc == 900.0 and math.isclose(sigma, math.sqrt(2.0) * 200.0 / 3.0)
+    assert math.isclose(probability, 2.0 / 3.0)
+    # a certain future is clipped to the metric's smallest sigma
+    assert forecast_from_declines(2000.0, [0.05] * 4) == (1900.0, 70.0, 0.0)
 
 
 def test_brier_score():
@@ -161,7 +171,7 @@ def test_evaluate_progression_script_ranks_the_rows_by_what_they_can_know(tmp_pa
     cohort = _constructed_cohort(tmp_path / "prepared")
     script = Path(__file__).resolve().parents[1] / "scripts" / "evaluate_progression.py"
     monkeypatch.setattr(sys, "argv", ["evaluate_progression.py", "--prepared", str(cohort), "--predictions",
-                                      str(cohort / "predictions"), "--out", str(tmp_path / "out")])
+                                      str(cohort / "predictions"), "--out", str(tmp_path / "out"), "--cohort-law"])
     runpy.run_path(str(script), run_name="__main__")
     report = json.loads((tmp_path / "out" / "progression.json").read_text(encoding="utf-8"))
     rows = report["rows"]
@@ -170,6 +180,9 @@ def test_evaluate_progression_script_ranks_the_rows_by_what_they_can_know(tmp_pa
     assert real["auc"]["auc"] > 0.9 > tabular["auc"]["auc"] and generated["auc"]["auc"] > 0.9
     assert real["laplace_vs_tabular"]["ci"][0] > 0 and generated["laplace_vs_tabular"]["ci"][0] > 0
     assert real["mae_ml"] < 0.5 * tabular["mae_ml"]
+    # the generator's law is not this constructed cohort's: the row exists and is scored like the others
+    law = rows["cohort law from baseline (ceiling)"]
+    assert 0.0 <= law["brier"] <= 1.0 and math.isfinite(law["laplace_log_likelihood"])
     assert len(report["per_patient"]) == 40 and "| image, generated follow-up |" in (
         tmp_path / "out" / "summary.md").read_text(encoding="utf-8")
     assert (tmp_path / "out" / "progression_roc_reliability.png").stat().st_size > 10_000

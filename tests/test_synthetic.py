@@ -14,8 +14,12 @@ from scipy import ndimage
 from custom.constants import LEFT_LUNG, LESION_LABELS, RIGHT_LUNG
 from custom.synthetic import (
     SMALL_BODY_SCALE,
+    STABLE_FACTOR,
+    STABLE_FRACTION,
     ChestPhantom,
     DetailGrid,
+    baseline_rate,
+    decline_law,
     generate_cohort,
     lung_volume_ml,
     patient_grid,
@@ -144,6 +148,24 @@ def test_progression_depends_on_baseline_values():
     rate = np.mean([p.progression for p in patients])
     assert 0.25 < rate < 0.6
     assert all(p.followup_burden >= p.burden for p in patients)
+
+
+def test_decline_law_is_what_sample_patient_draws():
+    """The law given the baseline predicts the drawn cohort: its mean progression probability is the observed
+    rate, and its mixture has the near-stable share at the slowed rate."""
+    patients = [sample_patient(f"P{i}", patient_rng(12, i)) for i in range(3000)]
+    predicted = [np.mean(decline_law(p.percent, p.smoking, p.weeks, quantiles=400) >= 0.10 - 1e-9) for p in patients]
+    observed = np.mean([p.progression for p in patients])
+    assert abs(np.mean(predicted) - observed) < 0.03
+    declines = np.array([p.decline for p in patients])
+    law_means = [decline_law(p.percent, p.smoking, p.weeks, quantiles=400).mean() for p in patients]
+    assert abs(np.mean(law_means) - declines.mean()) < 0.005
+    law = decline_law(70.0, "Ex-smoker", 52.0)
+    base = baseline_rate(70.0, "Ex-smoker")
+    slow = np.abs(law - STABLE_FACTOR * base) < np.abs(law - base)
+    assert abs(slow.mean() - STABLE_FRACTION) < 0.01
+    unclipped = law > -0.03
+    assert np.allclose(decline_law(70.0, "Ex-smoker", 26.0)[unclipped], law[unclipped] / 2.0)
 
 
 def test_dicom_series_matches_the_nifti(tmp_path):
