@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cirresdiff_bundle.runner import run_config  # noqa: E402
 from custom.data import DatasetSplit  # noqa: E402
 from custom.evaluation import paired_difference  # noqa: E402
+from custom.io import atomic_write_bytes, write_json  # noqa: E402
 from custom.metrics import masked_psnr  # noqa: E402
 from custom.scheduler import ResidualShiftScheduler  # noqa: E402
 from scripts.evaluate_heldout import build, load_case  # noqa: E402
@@ -120,7 +121,7 @@ def main() -> None:
                                                    "min_gain_db": -1000.0, "num_val_cases": args.cases,
                                                    "scheduler#kappa": kappa, **overrides})
             result = score(kappa, ckpt, cases, args.seed, inference)
-            (run / "result.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+            write_json(run / "result.json", result)
         results[kappa] = json.loads((run / "result.json").read_text(encoding="utf-8"))
         r = results[kappa]
         print(f"kappa {kappa}: mean {r['mean_gain']['mean']:+.2f} dB, one sample {r['sample_gain']['mean']:+.2f} dB "
@@ -138,8 +139,8 @@ def main() -> None:
             versus = f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
         lines.append(f"| {kappa} | {cells[0]} | {cells[1]} | {by['0']:+.2f} / {by['7']:+.2f} / {by['14']:+.2f} "
                      f"| {versus} |")
-    (args.out / "kappa.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (args.out / "kappa.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+    atomic_write_bytes(args.out / "kappa.md", ("\n".join(lines) + "\n").encode("utf-8"))
+    write_json(args.out / "kappa.json", results)
     print("\n".join(lines))
 
 
