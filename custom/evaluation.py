@@ -31,8 +31,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
-from scipy import ndimage, stats
+from scipy import stats
 
+from custom.geometry import gaussian_smooth
 from custom.io import atomic_write_bytes, check_output_dir, write_json
 from custom.metrics import masked_psnr, masked_ssim
 
@@ -70,8 +71,7 @@ def smoothed(initial: torch.Tensor, region: torch.Tensor, sigma: float = SMOOTHI
         region: the dilated lung region.
         sigma: Gaussian standard deviation in voxels.
     """
-    values = ndimage.gaussian_filter(np.asarray(initial, dtype=np.float32), sigma=(0, sigma, sigma, sigma))
-    return torch.as_tensor(values) * (region > 0)
+    return gaussian_smooth(np.asarray(initial, dtype=np.float32), sigma) * torch.as_tensor(region > 0)
 
 
 def region_metrics(

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import torch
 from monai.data import MetaTensor
 from scipy import ndimage
 
@@ -59,6 +60,20 @@ def resample(array: np.ndarray, source_affine: np.ndarray, target_affine: np.nda
                 mapping[:3, 3] -= lo
     return ndimage.affine_transform(source, mapping[:3, :3], offset=mapping[:3, 3], output_shape=shape, order=order,
                                     mode="constant", cval=fill)
+
+
+def gaussian_smooth(volume: torch.Tensor | np.ndarray, sigma: float) -> torch.Tensor:
+    """Gaussian filter over the last three (spatial) axes, in voxels; returns a tensor on the input's device.
+
+    Args:
+        volume: array or tensor (..., D, H, W).
+        sigma: standard deviation in voxels (0: a copy).
+    """
+    tensor = torch.as_tensor(volume)
+    values = tensor.detach().float().cpu().numpy()
+    smooth = ndimage.gaussian_filter(values, sigma=(0,) * (values.ndim - 3) + (sigma,) * 3) if sigma > 0 else values
+    return torch.as_tensor(smooth, dtype=tensor.dtype if tensor.is_floating_point() else torch.float32,
+                           device=tensor.device)
 
 
 def as_meta(array: np.ndarray, affine: np.ndarray, meta: Mapping | None = None) -> MetaTensor:

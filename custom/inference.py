@@ -332,11 +332,14 @@ class InferenceWriter:
         prediction: what ``followup.nii.gz`` is (``"mean"``: the mean prediction; ``"sample"``: the
             mean of posterior samples), written into ``prediction.json``.
         num_samples: posterior samples behind the uncertainty map (1: none).
+        mean_smoothing_sigma: the inferer's smoothing of the mean prediction (voxels), said in ``prediction.json``.
     """
 
-    def __init__(self, output_dir: str | os.PathLike, prediction: str = "mean", num_samples: int = 1) -> None:
+    def __init__(self, output_dir: str | os.PathLike, prediction: str = "mean", num_samples: int = 1,
+                 mean_smoothing_sigma: float = 0.0) -> None:
         self.output_dir = check_output_dir(output_dir)
         self.prediction, self.num_samples = prediction, int(num_samples)
+        self.mean_smoothing_sigma = float(mean_smoothing_sigma)
         self.written: list[dict] = []
 
     def attach(self, engine: Engine) -> None:
@@ -371,7 +374,9 @@ class InferenceWriter:
         summary = {"patient": pid, "text": d.get("text"), "weeks": d.get("weeks"),
                    "progression_probability": d.get("progression_probability"), "fvc_forecast": d.get("fvc_forecast"),
                    "prediction": {
-                       "mean": "mean prediction", "sample": f"mean of {self.num_samples} posterior samples"
+                       "mean": "mean prediction" + (f", Gaussian-smoothed (sigma {self.mean_smoothing_sigma:g} voxel)"
+                                                    if self.mean_smoothing_sigma > 0 else ""),
+                       "sample": f"mean of {self.num_samples} posterior samples",
                    }.get(self.prediction, self.prediction),
                    "uncertainty_samples": self.num_samples if "uncertainty" in d else 0,
                    "fibrosis": d.get("fibrosis_summary"),

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from custom.clinical.encoder import EncodeTexts
 from custom.engines import plain_tensor
+from custom.geometry import gaussian_smooth
 from custom.networks import mean_prediction_input
 from custom.scheduler import ResidualShiftScheduler
 
@@ -389,14 +390,22 @@ class ResidualShiftInferer(DiffusionSamplingInferer):
     Args:
         scheduler: the ``ResidualShiftScheduler`` the network was trained with.
         prediction: ``"mean"`` or ``"sample"``.
+        mean_smoothing_sigma: Gaussian sigma in voxels applied to the mean prediction (0: none). The
+            conditional mean holds none of y0's voxel noise (the follow-up's noise is independent of
+            it), which a residual network (x0 = y0 + change) only partly cancels; the value belongs
+            to the weights and is chosen on their validation fold (docs/README.md, "Mean and samples").
         kwargs: see ``DiffusionSamplingInferer``.
     """
 
-    def __init__(self, scheduler: ResidualShiftScheduler, prediction: str = "mean", **kwargs) -> None:
+    def __init__(self, scheduler: ResidualShiftScheduler, prediction: str = "mean", mean_smoothing_sigma: float = 0.0,
+                 **kwargs) -> None:
         super().__init__(scheduler, **kwargs)
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}.")
+        if not 0.0 <= mean_smoothing_sigma <= 3.0:
+            raise ValueError(f"mean_smoothing_sigma must be in [0, 3] voxels, got {mean_smoothing_sigma}.")
         self.prediction = prediction
+        self.mean_smoothing_sigma = float(mean_smoothing_sigma)
 
     def prior(self, y0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_T = y0 + kappa sqrt(eta_T) noise: sampling starts at the initial scan (arguments as in the base class)."""
@@ -432,12 +441,13 @@ class ResidualShiftInferer(DiffusionSamplingInferer):
         # MeanPredictionUNet's numbers: the step of t = T and the factor model_input applies to x_t there
         t = self.scheduler.num_train_timesteps - 1
         scale = float(self.model_input(torch.ones(1), t))
-        return torch.cat([
+        mean = torch.cat([
             self.window(y0[b : b + 1], _WindowNetwork(network, t, None if context is None else context[b : b + 1],
                                                       self.autocast_dtype, self.channels_last, scale,
                                                       None if weeks is None else weeks[b : b + 1]))
             for b in range(y0.shape[0])
         ])
+        return gaussian_smooth(mean, self.mean_smoothing_sigma) if self.mean_smoothing_sigma > 0 else mean
 
     def direct_prediction(
         self, inputs: torch.Tensor, network: Callable, context: torch.Tensor | None,

@@ -6,7 +6,8 @@ text encoder and inferer, and scored with ``custom.evaluation`` (lungs, disease-
 dilated region; paired gains over identity with 95 % CIs). ``--samples N`` also scores one
 T-step posterior sample and the mean of N samples per case (slow: T network passes each).
 ``--save-predictions`` writes each mean prediction (model grid, [0, 1]) to
-``<out>/predictions/<patient>.nii.gz``, for ``scripts/evaluate_progression.py``. The model gets
+``<out>/predictions/<patient>.nii.gz``, for ``scripts/evaluate_progression.py``; ``--predictions DIR``
+scores such saved predictions instead of running the model. The model gets
 each case's own interval to the follow-up (``FollowupWeeks``); ``--weeks W`` gives every case W
 instead (e.g. 52, to measure what the interval input is worth).
 
@@ -91,16 +92,20 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=0, help="also score 1 sample and the mean of N samples")
     parser.add_argument("--baselines-only", action="store_true", help="score the reference rows alone (no model)")
     parser.add_argument("--save-predictions", action="store_true", help="write each mean prediction as NIfTI")
+    parser.add_argument("--predictions", type=Path, default=None,
+                        help="score these saved mean predictions (<patient>.nii.gz) instead of running the model")
     parser.add_argument("--weeks", type=float, default=None,
                         help="interval given to every case (default: each case's FollowupWeeks)")
     args = parser.parse_args()
+    if args.predictions is not None and (args.samples or args.baselines_only):
+        parser.error("--predictions scores saved mean predictions: no --samples or --baselines-only with it")
 
     from custom.clinical.text import record_to_text
 
     entries = datalist_entries(args)
     overrides = parse_overrides(args.override)
     network = inferer = text_encoder = None
-    if not args.baselines_only:
+    if not args.baselines_only and args.predictions is None:
         network, inferer, text_encoder = build(args.ckpt_dir, overrides)
         network.eval()
     rows, sample_rows, times = [], {"sample": [], f"mean_of_{args.samples}": []}, []
@@ -110,6 +115,9 @@ def main() -> None:
         start = time.perf_counter()
         if args.baselines_only:
             prediction = y0[0]
+        elif args.predictions is not None:
+            saved = nib.load(args.predictions / f"{case['patient']}.nii.gz").dataobj
+            prediction = torch.as_tensor(np.asarray(saved, dtype=np.float32))[None]
         else:
             context = None if text_encoder is None else text_encoder([record_to_text(case["record"], case["patient"])])
             region = torch.as_tensor(case["mask"] > 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
@@ -160,6 +161,30 @@ def test_mean_prediction_is_the_sliding_window_over_the_image_to_image_network()
         direct = torch.cat([mean_net(window[b : b + 1], context=context[b : b + 1]) for b in range(2)])
     one_window = ResidualShiftInferer(scheduler, roi_size=16, mode="constant")
     assert torch.equal(one_window.predict_mean(window, mean_net, context), direct)
+
+
+def test_mean_smoothing_filters_the_mean_prediction_only():
+    """mean_smoothing_sigma Gaussian-filters the mean prediction (what the inference config ships), leaves the
+    samples alone, and refuses a negative or absurd sigma."""
+    from scipy import ndimage
+
+    scheduler = ResidualShiftScheduler()
+    torch.manual_seed(0)
+    net = AttentionDiffusionUNet(channels=(8, 16, 16), attention_levels=(False, True, True), norm_num_groups=4,
+                                 num_head_channels=8, residual_output=True).eval()
+    y0 = torch.rand(1, 1, 24, 20, 16, generator=torch.Generator().manual_seed(3))
+    plain = ResidualShiftInferer(scheduler, roi_size=16, overlap=0.5)
+    smooth = ResidualShiftInferer(scheduler, roi_size=16, overlap=0.5, mean_smoothing_sigma=0.5)
+    raw, filtered = plain.predict_mean(y0, net), smooth.predict_mean(y0, net)
+    expected = ndimage.gaussian_filter(raw.numpy(), sigma=(0, 0, 0.5, 0.5, 0.5))
+    assert np.allclose(filtered.numpy(), expected, atol=1e-6) and not torch.allclose(filtered, raw, atol=1e-3)
+    assert torch.equal(smooth(y0, net), filtered)
+    samples = [inferer.sample(y0, net, num_samples=1, generator=torch.Generator().manual_seed(1)).mean
+               for inferer in (plain, smooth)]
+    assert torch.equal(*samples)
+    for sigma in (-0.5, 5.0):
+        with pytest.raises(ValueError, match="mean_smoothing_sigma"):
+            ResidualShiftInferer(scheduler, mean_smoothing_sigma=sigma)
 
 
 def test_monai_label_call_with_the_image_alone():

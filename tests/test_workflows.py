@@ -211,7 +211,8 @@ def test_inference_writes_followup_change_uncertainty_and_figure(prepared, raw_c
     assert (folder / "figure.png").stat().st_size > 10_000
     summary = json.loads((folder / "prediction.json").read_text(encoding="utf-8"))
     assert "forced vital capacity 2450 ml" in summary["text"]
-    assert summary["prediction"] == "mean prediction" and summary["uncertainty_samples"] == 2
+    assert summary["prediction"] == "mean prediction, Gaussian-smoothed (sigma 0.5 voxel)"
+    assert summary["uncertainty_samples"] == 2
     # Re-running skips the finished case instead of overwriting it.
     stamp = (folder / "followup.nii.gz").stat().st_mtime_ns
     run_config(["inference"], **inference)
