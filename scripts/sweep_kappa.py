@@ -53,8 +53,10 @@ def score(kappa: float, ckpt_dir: Path, cases: list[dict], seed: int, overrides:
     """
     from custom.clinical.text import record_to_text
 
-    network, inferer, text_encoder = build(ckpt_dir, {**overrides, "scheduler#kappa": kappa,
-                                                      "model_path": str(ckpt_dir / "model.pt")})
+    # the network's own mean: the shipped smoothing was chosen for the shipped weights
+    settings = {"mean_smoothing_sigma": 0.0, **overrides, "scheduler#kappa": kappa,
+                "model_path": str(ckpt_dir / "model.pt")}
+    network, inferer, text_encoder = build(ckpt_dir, settings)
     network.eval()
     scheduler = inferer.scheduler
     rows: dict[str, list[float]] = {"identity": [], "mean": [], "sample": []}
