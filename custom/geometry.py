@@ -67,7 +67,7 @@ def gaussian_smooth(volume: torch.Tensor | np.ndarray, sigma: float) -> torch.Te
 
     Args:
         volume: array or tensor (..., D, H, W).
-        sigma: standard deviation in voxels (0: a copy).
+        sigma: standard deviation in voxels (0: the values as they are).
     """
     tensor = torch.as_tensor(volume)
     values = tensor.detach().float().cpu().numpy()

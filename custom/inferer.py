@@ -393,7 +393,8 @@ class ResidualShiftInferer(DiffusionSamplingInferer):
         mean_smoothing_sigma: Gaussian sigma in voxels applied to the mean prediction (0: none). The
             conditional mean holds none of y0's voxel noise (the follow-up's noise is independent of
             it), which a residual network (x0 = y0 + change) only partly cancels; the value belongs
-            to the weights and is chosen on their validation fold (docs/README.md, "Mean and samples").
+            to the weights and is chosen on their validation fold (docs/README.md, "Smoothing the mean
+            prediction").
         kwargs: see ``DiffusionSamplingInferer``.
     """
 
