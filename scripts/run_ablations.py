@@ -158,7 +158,7 @@ def bar_chart(per_row: dict[str, dict[str, np.ndarray]], path: Path) -> None:
         low = min(means) - 2.0
         ax.set_ylim(low, max(means) + 1.0)
         ax.set_title(metric.replace("psnr_", "PSNR (dB), ").replace("change", "disease-change region"))
-        ax.tick_params(axis="x", labelrotation=30)
+        plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
     write_png(path, fig, dpi=120)
     plt.close(fig)
 
