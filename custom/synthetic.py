@@ -159,7 +159,7 @@ def decline_law(percent: float, smoking: str, weeks: float, quantiles: int = 200
         percent: FVC % predicted at the initial scan.
         smoking: smoking status, one of ``SMOKING``.
         weeks: interval to the follow-up.
-        quantiles: quadrature points per component.
+        quantiles: quadrature points in all (the near-stable share of them for that component).
     """
     from scipy.stats import norm
 

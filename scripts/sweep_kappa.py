@@ -36,7 +36,7 @@ from custom.evaluation import paired_difference  # noqa: E402
 from custom.io import atomic_write_bytes, write_json  # noqa: E402
 from custom.metrics import masked_psnr  # noqa: E402
 from custom.scheduler import ResidualShiftScheduler  # noqa: E402
-from scripts.evaluate_heldout import build, load_case  # noqa: E402
+from scripts.evaluate_heldout import build, load_case, parse_overrides  # noqa: E402
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--override", action="append", default=[], help="train.json id=JSON value")
     parser.add_argument("--demo", action="store_true", help="the demo's training settings and 4 mm grid")
     args = parser.parse_args()
-    overrides = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.override)}
+    overrides = parse_overrides(args.override)
     inference = {}
     if args.demo:
         from cirresdiff_bundle.demo import DEMO_SETTINGS
