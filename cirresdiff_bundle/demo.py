@@ -38,9 +38,8 @@ DEMO_SETTINGS = {
               "learning_rate": 0.002, "warmup_iterations": 50, "ema_momentum": 0.01, "num_workers": 0,
               "interval_conditioning": False, "interval_scaling": False},
     "train_classifier": {"max_epochs": 30},
-    # the mean prediction's smoothing was chosen for the shipped weights on their validation fold
-    "inference": {"grid": "demo", "interval_conditioning": False, "interval_scaling": False,
-                  "mean_smoothing_sigma": 0.0},
+    # the mean prediction's smoothing comes with the weights (models/model.json, chosen by the training's validation)
+    "inference": {"grid": "demo", "interval_conditioning": False, "interval_scaling": False},
 }
 """Per-workflow overrides of the demo (config ids and values); the network is the configs' default,
 the size of the shipped model."""
@@ -133,8 +132,9 @@ def weights_to_evaluate(train_dir: Path, model_path: Path) -> bool:
     """Put a finished run's weights at ``model_path`` for evaluation; False when the gate had rejected them.
 
     A run whose validated model does not beat identity writes ``model_not_written.txt`` instead of
-    ``model_path``; a report still shows what those weights do (its last EMA weights), named for
-    what they are (``UNGATED``), so that a table is complete and honest.
+    ``model_path``; a report still shows what those weights do (its last EMA weights, with the
+    settings its final validation chose for them, ``model_not_written.json``), named for what they
+    are (``UNGATED``), so that a table is complete and honest.
 
     Args:
         train_dir: the run's output folder (``last.pt`` and the gate's report).
@@ -143,11 +143,16 @@ def weights_to_evaluate(train_dir: Path, model_path: Path) -> bool:
     rejected = train_dir / "model_not_written.txt"
     if not rejected.is_file():
         return True
-    from custom.checkpoints import atomic_torch_save, safe_load
+    from custom.checkpoints import atomic_torch_save, safe_load, settings_path, write_model_settings
 
     print("\n" + rejected.read_text(encoding="utf-8").strip() + "\n(evaluated anyway; these weights are not a "
           "model to use)", flush=True)
     atomic_torch_save(safe_load(train_dir / "last.pt")["ema"], model_path)
+    settings = rejected.with_suffix(".json")
+    if settings.is_file():
+        write_model_settings(model_path, json.loads(settings.read_text(encoding="utf-8")))
+    else:
+        settings_path(model_path).unlink(missing_ok=True)
     return False
 
 

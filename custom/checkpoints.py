@@ -9,6 +9,8 @@ over the old one, which POSIX guarantees to be atomic. Every load uses
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -19,7 +21,7 @@ import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 
-from custom.io import atomic_open, atomic_write_bytes, check_output_dir
+from custom.io import atomic_open, atomic_write_bytes, check_output_dir, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +111,59 @@ def load_network_weights(
     return network
 
 
+def settings_path(model_path: str | os.PathLike) -> Path:
+    """The JSON beside a weights file that holds the inference settings chosen with them (``model.pt`` -> ``model.json``)."""
+    return Path(model_path).with_suffix(".json")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_model_settings(model_path: str | os.PathLike, settings: Mapping[str, Any]) -> Path:
+    """Write the inference settings chosen on validation with the weights at ``model_path`` (atomic).
+
+    The file names the weights it was made for by their SHA-256, so settings never outlive their
+    weights unnoticed (``read_model_settings`` refuses a mismatch).
+
+    Args:
+        model_path: the weights file, already written.
+        settings: plain JSON values, e.g. ``{"mean_smoothing_sigma": 0.5}``.
+    """
+    return write_json(settings_path(model_path), {**settings, "weights_sha256": _sha256(Path(model_path))})
+
+
+def read_model_settings(model_path: str | os.PathLike) -> dict:
+    """The inference settings chosen with the weights at ``model_path``; ``{}`` when none were written.
+
+    Args:
+        model_path: the weights file.
+    """
+    path, model_path = settings_path(model_path), Path(model_path)
+    if not path.is_file():
+        return {}
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not readable JSON ({e}): delete it, or write it again with the weights.") from e
+    if not model_path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {model_path} (its settings {path} are there)")
+    if not isinstance(settings, dict) or settings.get("weights_sha256") != _sha256(model_path):
+        raise ValueError(
+            f"{path} was written for other weights than {model_path} (SHA-256 differs): delete it (the "
+            "mean prediction is then unsmoothed) or give the settings explicitly (e.g. --mean_smoothing_sigma).")
+    return settings
+
+
+def mean_smoothing_sigma(model_path: str | os.PathLike) -> float:
+    """The mean prediction's smoothing chosen on validation with these weights; 0 (none) when none was chosen.
+
+    Args:
+        model_path: the weights file.
+    """
+    return float(read_model_settings(model_path).get("mean_smoothing_sigma", 0.0))
+
+
 class ResumableCheckpoint:
     """Save the training state every ``save_interval`` epochs and resume from it when it exists.
 
@@ -176,16 +231,21 @@ class BestModelSaver:
         path: destination file, e.g. ``models/model.pt``.
         metric_name: key of ``engine.state.metrics`` to maximise; ``None`` uses the evaluator's key metric.
         min_score: the score a model must exceed to be written; ``None`` writes every improvement.
+        smoothing_metric: key of ``engine.state.metrics`` holding the mean prediction's smoothing chosen
+            in the same validation (``custom.metrics.SmoothedGainMetric``), written with the weights
+            (``write_model_settings``); ``None``: no settings, and stale ones beside ``path`` are removed.
     """
 
     def __init__(self, network: torch.nn.Module, path: str | os.PathLike, metric_name: str | None = None,
-                 min_score: float | None = None) -> None:
+                 min_score: float | None = None, smoothing_metric: str | None = None) -> None:
         self.network = network
         self.path = Path(path)
         self.metric_name = metric_name
         self.min_score = min_score
+        self.smoothing_metric = smoothing_metric
         self.best = -float("inf")
         self.saved = False
+        self.last_settings: dict = {}
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
@@ -201,6 +261,9 @@ class BestModelSaver:
     def __call__(self, engine: Engine) -> None:
         name = self.metric_name or engine.state.key_metric_name
         value = float(engine.state.metrics[name])
+        if self.smoothing_metric is not None:
+            self.last_settings = {"mean_smoothing_sigma": float(engine.state.metrics[self.smoothing_metric]),
+                                  name: value}
         if value <= self.best:
             return
         self.best = value
@@ -208,9 +271,16 @@ class BestModelSaver:
             logger.warning(f"{name} = {value:.4f} does not exceed {self.min_score}: {self.path} not written")
             return
         self.saved = True
-        if _is_main_process():
-            atomic_torch_save(unwrap(self.network).state_dict(), self.path)
+        if not _is_main_process():
+            return
+        atomic_torch_save(unwrap(self.network).state_dict(), self.path)
+        if self.smoothing_metric is None:
+            settings_path(self.path).unlink(missing_ok=True)
             logger.info(f"saved {self.path} ({name} = {value:.4f})")
+            return
+        write_model_settings(self.path, self.last_settings)
+        logger.info(f"saved {self.path} ({name} = {value:.4f}, mean prediction smoothed by "
+                    f"{self.last_settings['mean_smoothing_sigma']:g} voxel)")
 
 
 class FinalValidation:
@@ -221,12 +291,15 @@ class FinalValidation:
     more at completion unless it just ran on the final weights, so the ``BestModelSaver`` (and its
     ``min_score`` gate) sees the final model in every run. When
     no validated model cleared the bar, ``model.pt`` is left as it was and an error is logged and
-    written to ``report_path``. Attach it to the trainer.
+    written to ``report_path``; the settings the final validation chose for the final weights
+    (``BestModelSaver.last_settings``) go beside it as JSON, so that whoever still scores those
+    weights scores them as validated. Attach it to the trainer.
 
     Args:
         validator: the validation evaluator (its handlers include ``best_model``).
         best_model: the validation's ``BestModelSaver``.
-        report_path: text file that receives the message when no model was written (removed otherwise).
+        report_path: text file that receives the message when no model was written (removed otherwise,
+            with its JSON).
     """
 
     def __init__(self, validator: Engine, best_model: BestModelSaver, report_path: str | os.PathLike) -> None:
@@ -247,9 +320,11 @@ class FinalValidation:
     def __call__(self, engine: Engine) -> None:
         if self.validated_at != engine.state.iteration:
             self.validator.run()
+        settings = self.report_path.with_suffix(".json")
         if self.best_model.saved:
             if _is_main_process():
                 self.report_path.unlink(missing_ok=True)
+                settings.unlink(missing_ok=True)
             return
         message = (f"no validated model beat the bar ({self.best_model.metric_name or 'key metric'} > "
                    f"{self.best_model.min_score}; best {self.best_model.best:.4f}): "
@@ -257,3 +332,7 @@ class FinalValidation:
         logger.error(message)
         if _is_main_process():
             atomic_write_bytes(self.report_path, (message + "\n").encode("utf-8"))
+            if self.best_model.last_settings:
+                write_json(settings, self.best_model.last_settings)
+            else:
+                settings.unlink(missing_ok=True)

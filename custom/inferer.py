@@ -129,6 +129,10 @@ class DiffusionSamplingInferer(Inferer):
         sigma_scale: standard deviation of the Gaussian importance map relative to the window.
         num_samples: samples drawn per case; the prediction is their mean.
         return_uncertainty: ``__call__`` returns ``[mean, std]`` as two channels instead of the mean alone.
+        mean_smoothing_sigma: Gaussian sigma in voxels applied to the returned follow-up, a mean (of the
+            samples here, ``ResidualShiftInferer``'s mean prediction there; 0: none). The value belongs
+            to the weights: their training's validation chooses it (``custom.metrics.SmoothedGainMetric``)
+            and writes it beside them (``custom.checkpoints.mean_smoothing_sigma`` reads it).
         text_encoder: maps texts to context features (B, L, D); used only when no context is given.
         default_text: the text encoded when no context is given and the inputs carry no text in their
             metadata (e.g. the "not measured" record).
@@ -157,6 +161,7 @@ class DiffusionSamplingInferer(Inferer):
         sigma_scale: float = 0.125,
         num_samples: int = 1,
         return_uncertainty: bool = False,
+        mean_smoothing_sigma: float = 0.0,
         text_encoder: EncodeTexts | None = None,
         default_text: str | None = None,
         progress: bool = False,
@@ -171,6 +176,8 @@ class DiffusionSamplingInferer(Inferer):
         self.num_inference_steps = num_inference_steps or scheduler.num_train_timesteps
         if num_samples < 1:
             raise ValueError(f"num_samples must be at least 1, got {num_samples}.")
+        if not 0.0 <= mean_smoothing_sigma <= 3.0:
+            raise ValueError(f"mean_smoothing_sigma must be in [0, 3] voxels, got {mean_smoothing_sigma}.")
         if text_encoder is not None and default_text is None:
             raise ValueError("a text encoder needs default_text for calls without a lung-function record.")
         # created once: its importance map is cached and reused at every step of every case
@@ -185,6 +192,7 @@ class DiffusionSamplingInferer(Inferer):
         )
         self.num_samples = num_samples
         self.return_uncertainty = return_uncertainty
+        self.mean_smoothing_sigma = float(mean_smoothing_sigma)
         self.text_encoder = text_encoder
         self.default_text = default_text
         self.progress = progress
@@ -285,6 +293,10 @@ class DiffusionSamplingInferer(Inferer):
             return None
         return torch.Generator(device=device).manual_seed(self.seed)
 
+    def smooth_mean(self, mean: torch.Tensor) -> torch.Tensor:
+        """The mean follow-up Gaussian-filtered by ``mean_smoothing_sigma`` (as it is when 0)."""
+        return gaussian_smooth(mean, self.mean_smoothing_sigma) if self.mean_smoothing_sigma > 0 else mean
+
     def _steps(self, steps: Iterable[int]) -> Iterable[int]:
         return tqdm(steps, desc="reverse diffusion", leave=False) if self.progress else steps
 
@@ -345,13 +357,14 @@ class DiffusionSamplingInferer(Inferer):
             kwargs: unused, for the ``Inferer`` signature.
 
         Returns:
-            the follow-up (B, 1, ...): ``direct_prediction`` when it gives one, else the mean sample;
+            the follow-up (B, 1, ...): ``direct_prediction`` when it gives one, else the mean sample
+            (smoothed by ``mean_smoothing_sigma``);
             ``[follow-up, std of the samples]`` (B, 2, ...) when ``return_uncertainty`` is set.
         """
         followup = self.direct_prediction(inputs, network, context, weeks)
         if followup is None or self.return_uncertainty:
             out = self.sample(inputs, network, context, weeks=weeks)
-            followup = out.mean if followup is None else followup
+            followup = self.smooth_mean(out.mean) if followup is None else followup
             if self.return_uncertainty:
                 followup = torch.cat([followup, out.std], dim=1)
         return _like_inputs(followup, inputs)
@@ -385,28 +398,22 @@ class ResidualShiftInferer(DiffusionSamplingInferer):
     - ``prediction="sample"``: the mean of ``num_samples`` posterior samples (T reverse steps each).
 
     With ``return_uncertainty`` either mode also draws ``num_samples`` posterior samples and returns
-    their voxel-wise standard deviation as a second channel.
+    their voxel-wise standard deviation as a second channel. Either mean is Gaussian-smoothed by
+    ``mean_smoothing_sigma``: the conditional mean holds none of y0's voxel noise (the follow-up's
+    noise is independent of it), which a residual network (x0 = y0 + change) only partly cancels
+    (docs/README.md, "Smoothing the mean prediction").
 
     Args:
         scheduler: the ``ResidualShiftScheduler`` the network was trained with.
         prediction: ``"mean"`` or ``"sample"``.
-        mean_smoothing_sigma: Gaussian sigma in voxels applied to the mean prediction (0: none). The
-            conditional mean holds none of y0's voxel noise (the follow-up's noise is independent of
-            it), which a residual network (x0 = y0 + change) only partly cancels; the value belongs
-            to the weights and is chosen on their validation fold (docs/README.md, "Smoothing the mean
-            prediction").
         kwargs: see ``DiffusionSamplingInferer``.
     """
 
-    def __init__(self, scheduler: ResidualShiftScheduler, prediction: str = "mean", mean_smoothing_sigma: float = 0.0,
-                 **kwargs) -> None:
+    def __init__(self, scheduler: ResidualShiftScheduler, prediction: str = "mean", **kwargs) -> None:
         super().__init__(scheduler, **kwargs)
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}.")
-        if not 0.0 <= mean_smoothing_sigma <= 3.0:
-            raise ValueError(f"mean_smoothing_sigma must be in [0, 3] voxels, got {mean_smoothing_sigma}.")
         self.prediction = prediction
-        self.mean_smoothing_sigma = float(mean_smoothing_sigma)
 
     def prior(self, y0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_T = y0 + kappa sqrt(eta_T) noise: sampling starts at the initial scan (arguments as in the base class)."""
@@ -448,7 +455,7 @@ class ResidualShiftInferer(DiffusionSamplingInferer):
                                                       None if weeks is None else weeks[b : b + 1]))
             for b in range(y0.shape[0])
         ])
-        return gaussian_smooth(mean, self.mean_smoothing_sigma) if self.mean_smoothing_sigma > 0 else mean
+        return self.smooth_mean(mean)
 
     def direct_prediction(
         self, inputs: torch.Tensor, network: Callable, context: torch.Tensor | None,

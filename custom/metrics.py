@@ -7,12 +7,17 @@ the bundle reports them inside a region mask.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import torch
 from ignite.engine import Engine
 from ignite.metrics import Metric
 from monai.metrics.regression import compute_ssim_and_cs
+
+from custom.geometry import gaussian_smooth
+
+logger = logging.getLogger(__name__)
 
 
 def _as_batch(t: torch.Tensor) -> torch.Tensor:
@@ -136,3 +141,66 @@ class MaskedImageMetric(Metric):
         if not hasattr(engine.state, "metric_details"):
             engine.state.metric_details = {}
         engine.state.metric_details[self.name or name] = torch.cat(self._values).reshape(-1, 1)
+
+
+class SmoothedGainMetric(Metric):
+    """The paired lung-PSNR gain over identity of the prediction at its best Gaussian smoothing; that sigma too.
+
+    The mean prediction's smoothing (``ResidualShiftInferer``'s ``mean_smoothing_sigma``) removes what
+    is left of the initial scan's voxel noise, which the conditional mean holds none of; how much is
+    left depends on the weights, so it is chosen where the weights are chosen: on the whole validation
+    fold, at every validation. Each case is scored at every candidate sigma (``lung_psnr_gain`` of the
+    filtered prediction, the inferer's own ``custom.geometry.gaussian_smooth``); the metric is the
+    largest mean gain over the fold and ``best_sigma`` the smallest sigma that reaches it, which
+    ``custom.checkpoints.BestModelSaver`` writes beside the weights it saves.
+
+    Args:
+        sigmas: candidate sigmas in voxels, 0 (unsmoothed) included or not.
+        output_transform: maps the engine output to sequences of predictions (unmasked: zeros outside
+            the region would be pulled into the border of the lungs), targets, lungs and initial scans.
+        sigma_name: key of ``engine.state.metrics`` that receives the chosen sigma.
+    """
+
+    def __init__(self, sigmas: Sequence[float], output_transform: Callable = lambda x: x,
+                 sigma_name: str = "val_mean_smoothing_sigma") -> None:
+        sigmas = sorted(float(s) for s in sigmas)
+        if not sigmas or sigmas[0] < 0.0 or sigmas[-1] > 3.0:
+            raise ValueError(f"sigmas must be a non-empty list of voxel sigmas in [0, 3], got {sigmas}.")
+        self.sigmas = sigmas
+        self.sigma_name = sigma_name
+        self._gains: list[torch.Tensor] = []
+        self.best_sigma: float | None = None
+        super().__init__(output_transform=output_transform)
+
+    def reset(self) -> None:
+        self._gains = []
+        self.best_sigma = None
+
+    @torch.no_grad()
+    def iteration_completed(self, engine: Engine) -> None:
+        self.update(self._output_transform(engine.state.output))
+
+    def update(self, output: Sequence) -> None:
+        for pred, target, lungs, initial in zip(*output):
+            pred, target, lungs, initial = (torch.as_tensor(i).detach().cpu().float() for i in (pred, target, lungs,
+                                                                                                 initial))
+            self._gains.append(torch.cat([lung_psnr_gain(gaussian_smooth(pred, s), target, lungs, initial)
+                                          for s in self.sigmas]))
+
+    def gains(self) -> torch.Tensor:
+        """Mean gain over the cases for each candidate sigma (dB, in the order of ``sigmas``)."""
+        if not self._gains:
+            raise RuntimeError("SmoothedGainMetric was computed before any case was evaluated.")
+        return torch.stack(self._gains).mean(0)
+
+    def compute(self) -> float:
+        gains = self.gains()
+        best = int(torch.argmax(gains))  # the first maximum: the least smoothing among ties
+        self.best_sigma = self.sigmas[best]
+        return float(gains[best])
+
+    def completed(self, engine: Engine, name: str) -> None:
+        super().completed(engine, name)
+        engine.state.metrics[self.sigma_name] = self.best_sigma
+        logger.info(f"{name} by smoothing sigma: " + ", ".join(
+            f"{s:g} {g:+.3f} dB" for s, g in zip(self.sigmas, self.gains().tolist())) + f" (chosen: {self.best_sigma:g})")

@@ -158,3 +158,26 @@ def test_final_validation_runs_once_when_training_never_validated_and_a_good_mod
     restored = BestModelSaver(model, tmp_path / "model.pt", metric_name="gain", min_score=0.0)
     restored.load_state_dict(best.state_dict())
     assert restored.saved and restored.best == pytest.approx(0.7)
+
+
+def test_best_model_saver_writes_the_validated_smoothing_with_the_weights(tmp_path):
+    from custom.checkpoints import mean_smoothing_sigma, read_model_settings, settings_path
+
+    model = torch.nn.Linear(3, 1)
+    path = tmp_path / "model.pt"
+    assert mean_smoothing_sigma(path) == 0.0  # no weights and no settings: nothing was chosen
+    saver = BestModelSaver(model, path, metric_name="gain", min_score=0.0, smoothing_metric="sigma")
+    engine = Engine(lambda e, b: None)
+    engine.state.metrics = {"gain": 0.8, "sigma": 0.75}
+    saver(engine)
+    assert mean_smoothing_sigma(path) == 0.75 and read_model_settings(path)["gain"] == pytest.approx(0.8)
+    # settings never outlive their weights: other weights at the same path are refused, not smoothed
+    torch.save({"other": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match="other weights"):
+        mean_smoothing_sigma(path)
+    # a saver that chooses no smoothing removes the stale settings beside the weights it writes
+    BestModelSaver(model, path, metric_name="gain")(engine)
+    assert not settings_path(path).exists() and mean_smoothing_sigma(path) == 0.0
+    settings_path(path).write_text("{not json", encoding="utf-8")
+    with pytest.raises(ValueError, match="not readable JSON"):
+        mean_smoothing_sigma(path)

@@ -163,9 +163,10 @@ def test_mean_prediction_is_the_sliding_window_over_the_image_to_image_network()
     assert torch.equal(one_window.predict_mean(window, mean_net, context), direct)
 
 
-def test_mean_smoothing_filters_the_mean_prediction_only():
-    """mean_smoothing_sigma Gaussian-filters the mean prediction (what the inference config ships), leaves the
-    samples alone, and refuses a negative or absurd sigma."""
+def test_mean_smoothing_filters_the_returned_mean_only():
+    """mean_smoothing_sigma Gaussian-filters the mean prediction (what the inference config ships) and the mean
+    of the samples that "sample" mode returns, leaves the samples themselves alone, and refuses a negative or
+    absurd sigma."""
     from scipy import ndimage
 
     scheduler = ResidualShiftScheduler()
@@ -182,6 +183,9 @@ def test_mean_smoothing_filters_the_mean_prediction_only():
     samples = [inferer.sample(y0, net, num_samples=1, generator=torch.Generator().manual_seed(1)).mean
                for inferer in (plain, smooth)]
     assert torch.equal(*samples)
+    sample_mode = ResidualShiftInferer(scheduler, roi_size=16, overlap=0.5, prediction="sample", mean_smoothing_sigma=0.5)
+    expected = ndimage.gaussian_filter(sample_mode.sample(y0, net).mean.numpy(), sigma=(0, 0, 0.5, 0.5, 0.5))
+    assert np.allclose(sample_mode(y0, net).numpy(), expected, atol=1e-6)
     for sigma in (-0.5, 5.0):
         with pytest.raises(ValueError, match="mean_smoothing_sigma"):
             ResidualShiftInferer(scheduler, mean_smoothing_sigma=sigma)

@@ -64,3 +64,54 @@ def test_ignite_metric_averages_cases_and_stores_details():
     per_case = masked_psnr(pred, target, mask)
     assert math.isclose(state.metrics["val_psnr"], float(per_case.mean()), rel_tol=1e-5)
     assert torch.allclose(state.metric_details["psnr"].flatten(), per_case)
+
+
+def _noisy_followup(seed: int = 3):
+    """A smooth follow-up, an initial scan and a prediction that both carry independent voxel noise."""
+    from custom.geometry import gaussian_smooth
+
+    g = torch.Generator().manual_seed(seed)
+    target = gaussian_smooth(torch.rand(1, 24, 24, 24, generator=g), 3.0) * 4 - 1.5
+    initial = target + 0.08 * torch.randn(target.shape, generator=g)
+    pred = target + 0.05 * torch.randn(target.shape, generator=g)
+    lungs = torch.zeros_like(target)
+    lungs[:, 4:20, 4:20, 4:20] = 1
+    return pred, target, lungs, initial
+
+
+def _run_smoothed_gain(metric, cases):
+    engine = Engine(lambda e, b: b)
+    metric.attach(engine, "gain")
+    batches = [{"pred": [p], "label": [t], "lungs": [m], "image": [i]} for p, t, m, i in cases]
+    return engine.run(batches, max_epochs=1).metrics
+
+
+def test_smoothed_gain_picks_the_sigma_that_removes_the_predictions_noise():
+    from custom.geometry import gaussian_smooth
+    from custom.metrics import SmoothedGainMetric, lung_psnr_gain
+
+    cases = [_noisy_followup(3), _noisy_followup(4)]
+    metric = SmoothedGainMetric([0.0, 0.5, 1.0], output_transform=lambda o: (o["pred"], o["label"], o["lungs"],
+                                                                            o["image"]), sigma_name="sigma")
+    metrics = _run_smoothed_gain(metric, cases)
+    expected = [float(torch.stack([lung_psnr_gain(gaussian_smooth(p, s), t, m, i) for p, t, m, i in cases]).mean())
+                for s in (0.0, 0.5, 1.0)]
+    assert torch.allclose(metric.gains(), torch.tensor(expected), atol=1e-4)
+    # white noise on a smooth image: the filter helps, so the chosen sigma is not 0 and scores its gain
+    assert metrics["sigma"] > 0 and expected[0] < max(expected)
+    assert metrics["gain"] == pytest.approx(max(expected), abs=1e-4)
+    assert metrics["sigma"] == (0.0, 0.5, 1.0)[expected.index(max(expected))]
+
+
+def test_smoothed_gain_keeps_an_exact_prediction_unsmoothed_and_refuses_bad_sigmas():
+    from custom.metrics import SmoothedGainMetric
+
+    _, target, lungs, initial = _noisy_followup(5)
+    metric = SmoothedGainMetric([1.0, 0.0, 0.25], output_transform=lambda o: (o["pred"], o["label"], o["lungs"],
+                                                                             o["image"]), sigma_name="sigma")
+    assert _run_smoothed_gain(metric, [(target.clone(), target, lungs, initial)])["sigma"] == 0.0
+    for sigmas in ([], [-0.5, 0.0], [4.0]):
+        with pytest.raises(ValueError, match="sigmas"):
+            SmoothedGainMetric(sigmas)
+    with pytest.raises(RuntimeError, match="before any case"):
+        SmoothedGainMetric([0.0]).compute()

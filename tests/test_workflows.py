@@ -20,6 +20,7 @@ import torch
 
 from cirresdiff_bundle.cli import ABLATIONS
 from cirresdiff_bundle.runner import run_config
+from custom.checkpoints import write_model_settings
 
 GRID = 32
 TINY_MODEL = {"roi_size": [32, 32, 32], "sw_roi_size": [32, 32, 32], "network_channels": [8, 16, 16],
@@ -87,6 +88,10 @@ def test_training_writes_checkpoints_and_resumes(prepared, tmp_path):
     assert first.epoch == 1 and first.iteration == 2  # 4 training cases (fold 0 validates), batch 2
     saved = torch.load(out / "last.pt", weights_only=True)
     assert saved["trainer"]["iteration"] == 2
+    # the validation chose the mean prediction's smoothing with the weights, and it is written beside them
+    validated = workflow.parser.get_parsed_content("validate#evaluator").state.metrics
+    settings = json.loads((out / "model.json").read_text(encoding="utf-8"))
+    assert settings["mean_smoothing_sigma"] == validated["val_mean_smoothing_sigma"] in (0.0, 0.25, 0.5, 0.75, 1.0)
     workflow = run_config(["train"], **_train_overrides(prepared, out, max_epochs=2))
     state = workflow.parser.get_parsed_content("train#trainer").state
     assert state.epoch == 2 and state.iteration == 4  # continued from epoch 1, not restarted
@@ -94,8 +99,14 @@ def test_training_writes_checkpoints_and_resumes(prepared, tmp_path):
     # the gate: a model that does not clear the bar on validation never becomes model.pt, and the run says so
     gated = tmp_path / "gated"
     run_config(["train"], **_train_overrides(prepared, gated, min_gain_db=1000.0))
-    assert not (gated / "model.pt").exists()
+    assert not (gated / "model.pt").exists() and not (gated / "model.json").exists()
     assert "was not written" in (gated / "model_not_written.txt").read_text(encoding="utf-8")
+    # weights scored anyway are scored as their final validation chose to smooth them
+    from cirresdiff_bundle.demo import weights_to_evaluate
+    from custom.checkpoints import mean_smoothing_sigma
+
+    chosen = json.loads((gated / "model_not_written.json").read_text(encoding="utf-8"))["mean_smoothing_sigma"]
+    assert not weights_to_evaluate(gated, gated / "scored.pt") and mean_smoothing_sigma(gated / "scored.pt") == chosen
 
 
 @pytest.mark.parametrize("ablation", [files for files in ABLATIONS.values() if files])
@@ -150,7 +161,10 @@ def test_evaluation_writes_per_case_csv_summary_and_predictions(prepared, tmp_pa
     out = tmp_path / "train"
     overrides = _train_overrides(prepared, out)
     run_config(["train"], **overrides)
-    run_config(["train", "evaluate"], **{**overrides, "output_dir": str(tmp_path / "eval")})
+    write_model_settings(out / "model.pt", {"mean_smoothing_sigma": 0.75})
+    workflow = run_config(["train", "evaluate"], **{**overrides, "output_dir": str(tmp_path / "eval")})
+    # the evaluation scores the mean prediction as the weights' settings say it is made
+    assert workflow.parser.get_parsed_content("inferer").mean_smoothing_sigma == 0.75
     rows = list(csv.DictReader(open(tmp_path / "eval" / "metrics.csv", encoding="utf-8")))
     assert len(rows) == 2
     assert {"model_psnr_lungs", "identity_psnr_lungs", "smoothed_psnr_lungs", "model_ssim_change"} <= set(rows[0])
@@ -196,6 +210,7 @@ def test_classifier_input_carries_the_change_between_the_scans():
 def test_inference_writes_followup_change_uncertainty_and_figure(prepared, raw_case, tmp_path):
     out = tmp_path / "train"
     run_config(["train"], **_train_overrides(prepared, out))
+    write_model_settings(out / "model.pt", {"mean_smoothing_sigma": 0.5})
     inference = {"input": str(raw_case), "record": _record(3), "ckpt_dir": str(prepared / "models"),
                  "model_path": str(out / "model.pt"), "output_dir": str(tmp_path / "inf"),
                  "grid": {"size": [GRID] * 3, "spacing_mm": 1.0}, "allow_cropped": True,
