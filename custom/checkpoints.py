@@ -112,7 +112,7 @@ def load_network_weights(
 
 
 def settings_path(model_path: str | os.PathLike) -> Path:
-    """The JSON beside a weights file that holds the inference settings chosen with them (``model.pt`` -> ``model.json``)."""
+    """The JSON beside a weights file with the inference settings chosen with them (``model.pt``: ``model.json``)."""
     return Path(model_path).with_suffix(".json")
 
 

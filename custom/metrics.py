@@ -202,5 +202,5 @@ class SmoothedGainMetric(Metric):
     def completed(self, engine: Engine, name: str) -> None:
         super().completed(engine, name)
         engine.state.metrics[self.sigma_name] = self.best_sigma
-        logger.info(f"{name} by smoothing sigma: " + ", ".join(
-            f"{s:g} {g:+.3f} dB" for s, g in zip(self.sigmas, self.gains().tolist())) + f" (chosen: {self.best_sigma:g})")
+        scores = ", ".join(f"{s:g} {g:+.3f} dB" for s, g in zip(self.sigmas, self.gains().tolist()))
+        logger.info(f"{name} by smoothing sigma: {scores} (chosen: {self.best_sigma:g})")

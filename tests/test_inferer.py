@@ -183,7 +183,8 @@ def test_mean_smoothing_filters_the_returned_mean_only():
     samples = [inferer.sample(y0, net, num_samples=1, generator=torch.Generator().manual_seed(1)).mean
                for inferer in (plain, smooth)]
     assert torch.equal(*samples)
-    sample_mode = ResidualShiftInferer(scheduler, roi_size=16, overlap=0.5, prediction="sample", mean_smoothing_sigma=0.5)
+    sample_mode = ResidualShiftInferer(scheduler, roi_size=16, overlap=0.5, prediction="sample",
+                                       mean_smoothing_sigma=0.5)
     expected = ndimage.gaussian_filter(sample_mode.sample(y0, net).mean.numpy(), sigma=(0, 0, 0.5, 0.5, 0.5))
     assert np.allclose(sample_mode(y0, net).numpy(), expected, atol=1e-6)
     for sigma in (-0.5, 5.0):
