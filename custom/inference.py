@@ -332,7 +332,7 @@ class InferenceWriter:
         prediction: what ``followup.nii.gz`` is (``"mean"``: the mean prediction; ``"sample"``: the
             mean of posterior samples), written into ``prediction.json``.
         num_samples: posterior samples behind the uncertainty map (1: none).
-        mean_smoothing_sigma: the inferer's smoothing of the mean prediction (voxels), said in ``prediction.json``.
+        mean_smoothing_sigma: the inferer's smoothing of the returned mean (voxels), said in ``prediction.json``.
     """
 
     def __init__(self, output_dir: str | os.PathLike, prediction: str = "mean", num_samples: int = 1,
@@ -374,10 +374,11 @@ class InferenceWriter:
         summary = {"patient": pid, "text": d.get("text"), "weeks": d.get("weeks"),
                    "progression_probability": d.get("progression_probability"), "fvc_forecast": d.get("fvc_forecast"),
                    "prediction": {
-                       "mean": "mean prediction" + (f", Gaussian-smoothed (sigma {self.mean_smoothing_sigma:g} voxel)"
-                                                    if self.mean_smoothing_sigma > 0 else ""),
+                       "mean": "mean prediction",
                        "sample": f"mean of {self.num_samples} posterior samples",
-                   }.get(self.prediction, self.prediction),
+                   }.get(self.prediction, self.prediction) + (
+                       f", Gaussian-smoothed (sigma {self.mean_smoothing_sigma:g} voxel)"
+                       if self.mean_smoothing_sigma > 0 else ""),
                    "uncertainty_samples": self.num_samples if "uncertainty" in d else 0,
                    "fibrosis": d.get("fibrosis_summary"),
                    "coverage": coverage,
