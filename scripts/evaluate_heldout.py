@@ -129,7 +129,9 @@ def main() -> None:
         rows.append(case_rows(prediction, case, args.threshold))
         if args.samples and not args.baselines_only:
             out = inferer.sample(y0, network, context, num_samples=args.samples, weeks=case["weeks"])
-            for name, pred in (("sample", out.samples[0, 0]), (f"mean_of_{args.samples}", out.mean[0])):
+            # the mean of the samples is smoothed as the inferer's "sample" mode returns it; one sample is not
+            mean = inferer.smooth_mean(out.mean)[0]
+            for name, pred in (("sample", out.samples[0, 0]), (f"mean_of_{args.samples}", mean)):
                 sample_rows[name].append(case_rows(pred * region, case, args.threshold))
         print(f"{case['patient']}: model {rows[-1]['model_psnr_lungs']:.2f} dB, identity "
               f"{rows[-1]['identity_psnr_lungs']:.2f} dB (lungs) in {times[-1]:.1f} s", flush=True)
