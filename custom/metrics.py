@@ -181,9 +181,8 @@ class SmoothedGainMetric(Metric):
         self.update(self._output_transform(engine.state.output))
 
     def update(self, output: Sequence) -> None:
-        for pred, target, lungs, initial in zip(*output):
-            pred, target, lungs, initial = (torch.as_tensor(i).detach().cpu().float() for i in (pred, target, lungs,
-                                                                                                 initial))
+        for items in zip(*output):
+            pred, target, lungs, initial = (torch.as_tensor(i).detach().cpu().float() for i in items)
             self._gains.append(torch.cat([lung_psnr_gain(gaussian_smooth(pred, s), target, lungs, initial)
                                           for s in self.sigmas]))
 
