@@ -62,6 +62,10 @@ def resample(array: np.ndarray, source_affine: np.ndarray, target_affine: np.nda
                                     mode="constant", cval=fill)
 
 
+MAX_SMOOTHING_SIGMA = 3.0
+"""Voxels; the largest smoothing of a mean prediction the bundle accepts (more would blur the lesions away)."""
+
+
 def gaussian_smooth(volume: torch.Tensor | np.ndarray, sigma: float) -> torch.Tensor:
     """Gaussian filter over the last three (spatial) axes, in voxels; returns a tensor on the input's device.
 

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from custom.clinical.encoder import EncodeTexts
 from custom.engines import plain_tensor
-from custom.geometry import gaussian_smooth
+from custom.geometry import MAX_SMOOTHING_SIGMA, gaussian_smooth
 from custom.networks import mean_prediction_input
 from custom.scheduler import ResidualShiftScheduler
 
@@ -176,8 +176,9 @@ class DiffusionSamplingInferer(Inferer):
         self.num_inference_steps = num_inference_steps or scheduler.num_train_timesteps
         if num_samples < 1:
             raise ValueError(f"num_samples must be at least 1, got {num_samples}.")
-        if not 0.0 <= mean_smoothing_sigma <= 3.0:
-            raise ValueError(f"mean_smoothing_sigma must be in [0, 3] voxels, got {mean_smoothing_sigma}.")
+        if not 0.0 <= mean_smoothing_sigma <= MAX_SMOOTHING_SIGMA:
+            raise ValueError(f"mean_smoothing_sigma must be in [0, {MAX_SMOOTHING_SIGMA:g}] voxels, "
+                             f"got {mean_smoothing_sigma}.")
         if text_encoder is not None and default_text is None:
             raise ValueError("a text encoder needs default_text for calls without a lung-function record.")
         # created once: its importance map is cached and reused at every step of every case

@@ -15,7 +15,7 @@ from ignite.engine import Engine
 from ignite.metrics import Metric
 from monai.metrics.regression import compute_ssim_and_cs
 
-from custom.geometry import gaussian_smooth
+from custom.geometry import MAX_SMOOTHING_SIGMA, gaussian_smooth
 
 logger = logging.getLogger(__name__)
 
@@ -164,8 +164,9 @@ class SmoothedGainMetric(Metric):
     def __init__(self, sigmas: Sequence[float], output_transform: Callable = lambda x: x,
                  sigma_name: str = "val_mean_smoothing_sigma") -> None:
         sigmas = sorted(float(s) for s in sigmas)
-        if not sigmas or sigmas[0] < 0.0 or sigmas[-1] > 3.0:
-            raise ValueError(f"sigmas must be a non-empty list of voxel sigmas in [0, 3], got {sigmas}.")
+        if not sigmas or sigmas[0] < 0.0 or sigmas[-1] > MAX_SMOOTHING_SIGMA:
+            raise ValueError(f"sigmas must be a non-empty list of voxel sigmas in [0, {MAX_SMOOTHING_SIGMA:g}], "
+                             f"got {sigmas}.")
         self.sigmas = sigmas
         self.sigma_name = sigma_name
         self._gains: list[torch.Tensor] = []
