@@ -126,7 +126,6 @@ class AttentionDiffusionUNet(nn.Module):
         fusion_mode: ``"standard"`` or ``"paper"`` (see ``custom.clinical.fusion``).
         bottleneck_attention: self-attention over the voxels of the coarsest level (global
             context across the lungs at 1/8 resolution, cheap there: 12^3 tokens for a 96^3 patch).
-        use_checkpointing: recompute each level's activations in the backward pass to save memory.
         residual_output: add the conditioning image (input channel 1, y0) to the output, so the
             network predicts x0 as y0 plus a learned change. It still predicts x0 (CIResDiff's
             f(x_t, y0, t)); the skip only spares it from learning to copy y0's texture. Use it for
@@ -143,6 +142,13 @@ class AttentionDiffusionUNet(nn.Module):
             with the time it has, as the cohort's does (``custom.synthetic.sample_patient``: decline
             = yearly rate x weeks / 52) and as IPF's FVC decline is modelled over a year or two; an
             embedding alone has to learn that from the spread of the training intervals.
+        pass_through: (T, 3) per-step coefficients (a_t, b_t, c_t) from
+            ``ResidualShiftScheduler.pass_through_coefficients``; the output becomes
+            a_t x_t - b_t y0 + (1 - c_t) f, the precision-weighted combination of the network's estimate
+            f of x0 with the one x_t holds by itself, so a nearly clean x_t passes through. ``None``:
+            the output is f. A buffer of the state dict, so weights trained with it carry it and
+            refuse to load into a network without it (and the other way round).
+        use_checkpointing: recompute each level's activations in the backward pass to save memory.
     """
 
     def __init__(
@@ -161,6 +167,7 @@ class AttentionDiffusionUNet(nn.Module):
         residual_output: bool = False,
         interval_conditioning: bool = False,
         interval_scaling: bool = False,
+        pass_through: torch.Tensor | None = None,
         use_checkpointing: bool = False,
     ) -> None:
         super().__init__()
@@ -222,6 +229,10 @@ class AttentionDiffusionUNet(nn.Module):
             # Start from the identity prediction x0 = y0, which training then has to beat.
             nn.init.zeros_(self.out[-1].weight)
             nn.init.zeros_(self.out[-1].bias)
+        if pass_through is not None and (pass_through.ndim != 2 or pass_through.shape[1] != 3):
+            raise ValueError(f"pass_through must be a (T, 3) table, got shape {tuple(pass_through.shape)}.")
+        # empty when off: TorchScript needs one type for the attribute
+        self.register_buffer("pass_through", torch.zeros(0, 3) if pass_through is None else pass_through.float().clone())
         self.static_out = None
         if interval_scaling:
             self.static_out = nn.Conv3d(channels[0], out_channels, 3, padding=1)
@@ -273,7 +284,12 @@ class AttentionDiffusionUNet(nn.Module):
         out = self.out(h)
         if self.static_out is not None and interval is not None:
             out = self.static_out(h) + interval.reshape(-1, 1, 1, 1, 1).to(out.dtype) * out
-        return out + x[:, 1:2] if self.residual_output else out
+        if self.residual_output:
+            out = out + x[:, 1:2]
+        if self.pass_through.shape[0] > 0:
+            coef = self.pass_through[timesteps.long()].to(out.dtype).reshape(-1, 3, 1, 1, 1)
+            out = coef[:, 0:1] * x[:, 0:1] - coef[:, 1:2] * x[:, 1:2] + (1.0 - coef[:, 2:3]) * out
+        return out
 
 
 def mean_prediction_input(y0: torch.Tensor, timestep: int, input_scale: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -98,6 +98,9 @@ class ResidualShiftScheduler(nn.Module):
         super().__init__()
         self.num_train_timesteps = num_train_timesteps
         self.kappa = kappa
+        self.min_noise_level = min_noise_level
+        self.etas_end = etas_end
+        self.power = power
         self.scale_input = scale_input
         etas = residual_shift_etas(num_train_timesteps, kappa, min_noise_level, etas_end, power)
         etas_prev = torch.cat([torch.zeros(1, dtype=torch.float64), etas[:-1]])
@@ -169,6 +172,36 @@ class ResidualShiftScheduler(nn.Module):
             noise: standard normal noise of the same shape.
         """
         return y0 + self.kappa * self.sqrt_etas[-1].to(y0) * noise
+
+    def pass_through_coefficients(self, prior_sd: float) -> torch.Tensor:
+        """Per-step weights that let the denoiser pass a nearly clean x_t through (``AttentionDiffusionUNet``'s ``pass_through``).
+
+        Rearranging ResShift Eq. 2, x_hat_t = (x_t - eta_t y0) / (1 - eta_t) is an unbiased estimate
+        of x0 with noise variance v_t = kappa^2 eta_t / (1 - eta_t)^2: almost x0 itself at t = 1,
+        useless at t = T. The network's own estimate f (from y0, the text and x_t) is combined with it
+        by precision, as for two independent estimates: x0_pred = c_t x_hat_t + (1 - c_t) f with
+        c_t = prior_sd^2 / (prior_sd^2 + v_t), prior_sd being the error of an estimate without x_t (the
+        mean prediction's). This is EDM's skip preconditioning (Karras et al., NeurIPS 2022, Eq. 7,
+        c_skip) for the residual-shift marginal: c_t ~ 0 at t = T (the mean prediction is unchanged),
+        c_t ~ 1 at t = 1, so the sampler's last steps cannot re-apply the predicted change to an x_t
+        that already holds it (docs/README.md, "Why the chain drifted").
+
+        Args:
+            prior_sd: error standard deviation of the estimate without x_t, in image units.
+
+        Returns:
+            (T, 3) float32: per step, the coefficient of the network's (scaled) input x_t, of y0 and c_t,
+            so that x0_pred = a_t x_in - b_t y0 + (1 - c_t) f for x_in = ``scale_model_input(x_t, t)``.
+        """
+        if prior_sd <= 0:
+            raise ValueError(f"prior_sd must be positive, got {prior_sd}.")
+        etas = residual_shift_etas(self.num_train_timesteps, self.kappa, self.min_noise_level, self.etas_end, self.power)
+        scale = (self.kappa**2 * etas + 1.0).rsqrt() if self.scale_input else torch.ones_like(etas)
+        # c_t and c_t / (1 - eta_t) written without dividing by 1 - eta_t, which is 0 for etas_end = 1
+        denominator = prior_sd**2 * (1.0 - etas) ** 2 + self.kappa**2 * etas
+        weight_over_rest = prior_sd**2 * (1.0 - etas) / denominator
+        weight = weight_over_rest * (1.0 - etas)
+        return torch.stack([weight_over_rest / scale, weight_over_rest * etas, weight], dim=1).float()
 
     def step(
         self,

@@ -221,3 +221,30 @@ def test_interval_scaling_makes_the_change_linear_in_the_interval(tmp_path):
         assert torch.allclose(both[1:], 0.1 + 1.5 * change[1:], atol=1e-6)
     with pytest.raises(ValueError, match="residual_output"):
         _tiny(interval_scaling=True)
+
+
+def test_pass_through_combines_the_estimate_with_x_t_as_its_table_says_and_belongs_to_the_weights():
+    from custom.scheduler import ResidualShiftScheduler
+
+    table = ResidualShiftScheduler().pass_through_coefficients(0.075)
+    plain = _tiny(residual_output=True)
+    _perturb(plain)
+    combined = _tiny(residual_output=True, pass_through=table)
+    with pytest.raises(RuntimeError, match="pass_through"):
+        combined.load_state_dict(plain.state_dict())
+    combined.load_state_dict({**plain.state_dict(), "pass_through": table})
+    x = torch.rand(2, 2, 16, 16, 16, generator=torch.Generator().manual_seed(2))
+    context = torch.randn(2, 3, 12, generator=torch.Generator().manual_seed(3))
+    timesteps = torch.tensor([0, 9])
+    with torch.no_grad():
+        f, out = plain(x, timesteps, context), combined(x, timesteps, context)
+    for i, t in enumerate(timesteps.tolist()):
+        a, b, c = table[t].tolist()
+        assert torch.allclose(out[i], a * x[i, 0:1] - b * x[i, 1:2] + (1 - c) * f[i], atol=1e-6)
+    # at t = 1 the output is almost x_t itself, whatever the network estimates
+    assert float((out[0] - x[0, 0:1]).abs().max()) < 0.01 < float((f[0] - x[0, 0:1]).abs().max())
+    with pytest.raises(ValueError, match="pass_through"):
+        _tiny(pass_through=table[:, :2])
+    # the weights carry the table: the network without it refuses them
+    with pytest.raises(RuntimeError, match="pass_through"):
+        plain.load_state_dict(combined.state_dict())

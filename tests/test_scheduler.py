@@ -132,3 +132,29 @@ def test_set_timesteps_follows_monai_protocol_and_refuses_skipped_steps():
     assert len(s.timesteps) == 15
     with pytest.raises(ValueError, match="all 15 training steps"):
         s.set_timesteps(5)
+
+
+def test_pass_through_coefficients_recover_x0_from_a_noise_free_x_t_by_the_stated_weight():
+    s = ResidualShiftScheduler()
+    table = s.pass_through_coefficients(0.075)
+    assert table.shape == (s.num_train_timesteps, 3)
+    g = torch.Generator().manual_seed(0)
+    x0, y0 = torch.rand(2, 1, 4, 4, 4, generator=g), torch.rand(2, 1, 4, 4, 4, generator=g)
+    etas = s.etas.double()
+    expected_weight = 0.075**2 / (0.075**2 + s.kappa**2 * etas / (1 - etas) ** 2)
+    for t in range(s.num_train_timesteps):
+        x_in = s.scale_model_input(s.add_noise(x0, y0, torch.zeros_like(x0), torch.tensor([t, t])), t)
+        a, b, c = table[t].tolist()
+        # a x_in - b y0 = c x_hat, and x_hat = x0 when x_t holds no noise
+        assert torch.allclose(a * x_in - b * y0, c * x0, atol=1e-6)
+        assert c == pytest.approx(float(expected_weight[t]), rel=1e-5)
+    weights = table[:, 2]
+    # the clean end passes x_t through, the prior end leaves the network's own estimate
+    assert weights[0] > 0.99 and weights[-1] < 1e-3 and bool((weights[1:] < weights[:-1]).all())
+
+
+def test_pass_through_coefficients_refuse_a_bad_prior_and_stay_finite_at_eta_one():
+    with pytest.raises(ValueError, match="prior_sd"):
+        ResidualShiftScheduler().pass_through_coefficients(0.0)
+    table = ResidualShiftScheduler(etas_end=1.0).pass_through_coefficients(0.075)
+    assert bool(torch.isfinite(table).all()) and float(table[-1].abs().max()) < 1e-6

@@ -375,3 +375,20 @@ def test_importing_and_inference_make_no_network_access(prepared, raw_case, tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     assert "network attempts: []" in result.stdout
     assert (tmp_path / "inf" / "SYN0000" / "followup.nii.gz").is_file()
+
+
+@pytest.mark.parametrize("config", ["train", "inference"])
+def test_pass_through_reaches_the_network_from_one_config_value(bundle_root, config):
+    from monai.bundle import ConfigParser
+
+    from custom.scheduler import ResidualShiftScheduler
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle_root / "configs" / f"{config}.json"))
+    parser.get_parsed_content("imports")
+    parser["pass_through_sd"] = 0.05
+    parser["scheduler#kappa"] = 0.2
+    table = parser.get_parsed_content("network_def", instantiate=True).pass_through
+    assert torch.equal(table, ResidualShiftScheduler(kappa=0.2).pass_through_coefficients(0.05))
+    parser["pass_through_sd"] = None
+    assert parser.get_parsed_content("network_def", instantiate=True).pass_through.numel() == 0
