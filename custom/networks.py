@@ -232,7 +232,8 @@ class AttentionDiffusionUNet(nn.Module):
         if pass_through is not None and (pass_through.ndim != 2 or pass_through.shape[1] != 3):
             raise ValueError(f"pass_through must be a (T, 3) table, got shape {tuple(pass_through.shape)}.")
         # empty when off: TorchScript needs one type for the attribute
-        self.register_buffer("pass_through", torch.zeros(0, 3) if pass_through is None else pass_through.float().clone())
+        table = torch.zeros(0, 3) if pass_through is None else pass_through.float().clone()
+        self.register_buffer("pass_through", table)
         self.static_out = None
         if interval_scaling:
             self.static_out = nn.Conv3d(channels[0], out_channels, 3, padding=1)

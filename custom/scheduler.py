@@ -174,7 +174,7 @@ class ResidualShiftScheduler(nn.Module):
         return y0 + self.kappa * self.sqrt_etas[-1].to(y0) * noise
 
     def pass_through_coefficients(self, prior_sd: float) -> torch.Tensor:
-        """Per-step weights that let the denoiser pass a nearly clean x_t through (``AttentionDiffusionUNet``'s ``pass_through``).
+        """Per-step weights that let the denoiser pass a nearly clean x_t through (the network's ``pass_through``).
 
         Rearranging ResShift Eq. 2, x_hat_t = (x_t - eta_t y0) / (1 - eta_t) is an unbiased estimate
         of x0 with noise variance v_t = kappa^2 eta_t / (1 - eta_t)^2: almost x0 itself at t = 1,
@@ -195,7 +195,9 @@ class ResidualShiftScheduler(nn.Module):
         """
         if prior_sd <= 0:
             raise ValueError(f"prior_sd must be positive, got {prior_sd}.")
-        etas = residual_shift_etas(self.num_train_timesteps, self.kappa, self.min_noise_level, self.etas_end, self.power)
+        etas = residual_shift_etas(
+            self.num_train_timesteps, self.kappa, self.min_noise_level, self.etas_end, self.power
+        )
         scale = (self.kappa**2 * etas + 1.0).rsqrt() if self.scale_input else torch.ones_like(etas)
         # c_t and c_t / (1 - eta_t) written without dividing by 1 - eta_t, which is 0 for etas_end = 1
         denominator = prior_sd**2 * (1.0 - etas) ** 2 + self.kappa**2 * etas
