@@ -147,7 +147,8 @@ class AttentionDiffusionUNet(nn.Module):
             a_t x_t - b_t y0 + (1 - c_t) f, the precision-weighted combination of the network's estimate
             f of x0 with the one x_t holds by itself, so a nearly clean x_t passes through. ``None``:
             the output is f. A buffer of the state dict, so weights trained with it carry it and
-            refuse to load into a network without it (and the other way round).
+            refuse to load into a network without it (and the other way round); without it the state
+            dict is the one of networks from before it existed.
         use_checkpointing: recompute each level's activations in the backward pass to save memory.
     """
 
@@ -231,9 +232,10 @@ class AttentionDiffusionUNet(nn.Module):
             nn.init.zeros_(self.out[-1].bias)
         if pass_through is not None and (pass_through.ndim != 2 or pass_through.shape[1] != 3):
             raise ValueError(f"pass_through must be a (T, 3) table, got shape {tuple(pass_through.shape)}.")
-        # empty when off: TorchScript needs one type for the attribute
+        # empty when off (TorchScript needs one type for the attribute) and then not in the state dict,
+        # so weights trained without it load as before
         table = torch.zeros(0, 3) if pass_through is None else pass_through.float().clone()
-        self.register_buffer("pass_through", table)
+        self.register_buffer("pass_through", table, persistent=pass_through is not None)
         self.static_out = None
         if interval_scaling:
             self.static_out = nn.Conv3d(channels[0], out_channels, 3, padding=1)

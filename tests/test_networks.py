@@ -248,3 +248,5 @@ def test_pass_through_combines_the_estimate_with_x_t_as_its_table_says_and_belon
     # the weights carry the table: the network without it refuses them
     with pytest.raises(RuntimeError, match="pass_through"):
         plain.load_state_dict(combined.state_dict())
+    # without the table the state dict is the one weights from before it existed have
+    assert "pass_through" not in plain.state_dict()
