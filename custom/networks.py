@@ -142,13 +142,13 @@ class AttentionDiffusionUNet(nn.Module):
             with the time it has, as the cohort's does (``custom.synthetic.sample_patient``: decline
             = yearly rate x weeks / 52) and as IPF's FVC decline is modelled over a year or two; an
             embedding alone has to learn that from the spread of the training intervals.
-        pass_through: (T, 3) per-step coefficients (a_t, b_t, c_t) from
-            ``ResidualShiftScheduler.pass_through_coefficients``; the output becomes
-            a_t x_t - b_t y0 + (1 - c_t) f, the precision-weighted combination of the network's estimate
-            f of x0 with the one x_t holds by itself, so a nearly clean x_t passes through. ``None``:
-            the output is f. A buffer of the state dict, so weights trained with it carry it and
-            refuse to load into a network without it (and the other way round); without it the state
-            dict is the one of networks from before it existed.
+        pass_through: (T, 3) per-step coefficients (a_t, b_t, k_t) from
+            ``ResidualShiftScheduler.pass_through_coefficients``: the output becomes
+            a_t x_t + b_t y0 + k_t f (f: the network's own output), EDM's preconditioning, so that a
+            nearly clean x_t passes through and the network corrects it. ``None``: the output is f.
+            A buffer of the state dict, so weights trained with it carry it and refuse to load into
+            a network without it (and the other way round); without it the state dict is the one of
+            networks from before it existed.
         use_checkpointing: recompute each level's activations in the backward pass to save memory.
     """
 
@@ -291,7 +291,7 @@ class AttentionDiffusionUNet(nn.Module):
             out = out + x[:, 1:2]
         if self.pass_through.shape[0] > 0:
             coef = self.pass_through[timesteps.long()].to(out.dtype).reshape(-1, 3, 1, 1, 1)
-            out = coef[:, 0:1] * x[:, 0:1] - coef[:, 1:2] * x[:, 1:2] + (1.0 - coef[:, 2:3]) * out
+            out = coef[:, 0:1] * x[:, 0:1] + coef[:, 1:2] * x[:, 1:2] + coef[:, 2:3] * out
         return out
 
 

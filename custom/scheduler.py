@@ -173,37 +173,43 @@ class ResidualShiftScheduler(nn.Module):
         """
         return y0 + self.kappa * self.sqrt_etas[-1].to(y0) * noise
 
-    def pass_through_coefficients(self, prior_sd: float) -> torch.Tensor:
-        """Per-step weights that let the denoiser pass a nearly clean x_t through (the network's ``pass_through``).
+    def pass_through_coefficients(self, change_sd: float) -> torch.Tensor:
+        """Per-step coefficients that let the denoiser pass a nearly clean x_t through (the network's ``pass_through``).
 
         Rearranging ResShift Eq. 2, x_hat_t = (x_t - eta_t y0) / (1 - eta_t) is an unbiased estimate
-        of x0 with noise variance v_t = kappa^2 eta_t / (1 - eta_t)^2: almost x0 itself at t = 1,
-        useless at t = T. The network's own estimate f (from y0, the text and x_t) is combined with it
-        by precision, as for two independent estimates: x0_pred = c_t x_hat_t + (1 - c_t) f with
-        c_t = prior_sd^2 / (prior_sd^2 + v_t), prior_sd being the error of an estimate without x_t (the
-        mean prediction's). This is EDM's skip preconditioning (Karras et al., NeurIPS 2022, Eq. 7,
-        c_skip) for the residual-shift marginal: c_t ~ 0 at t = T (the mean prediction is unchanged),
-        c_t ~ 1 at t = 1, so the sampler's last steps cannot re-apply the predicted change to an x_t
-        that already holds it (docs/README.md, "Why the chain drifted").
+        of x0 with noise of SD sigma_t = kappa sqrt(eta_t) / (1 - eta_t): almost x0 itself at t = 1,
+        useless at t = T. As EDM preconditions its denoiser (Karras et al., NeurIPS 2022, Eq. 7 and
+        Table 1: c_skip, c_out), with the initial scan as the prior mean and ``change_sd`` as the
+        data's spread around it:
+
+            x0_pred = c_t x_hat_t + (1 - c_t) y0 + k_t (f - y0),
+            c_t = s_d^2 / (s_d^2 + sigma_t^2),   k_t = sigma_t / sqrt(sigma_t^2 + s_d^2),
+
+        where f is the network's output (y0 plus its change, ``residual_output``). At t = T, c_t ~ 0 and
+        k_t ~ 1: x0_pred = f, the mean prediction is the network's. At t = 1, c_t ~ 1 and k_t ~
+        sigma_t / s_d: x_t passes through and the network only corrects x_hat_t's noise, on a target
+        of unit scale. Without it a network that always outputs y0 plus a change re-applies the
+        change to an x_t that already holds it, and the chain drifts (docs/README.md, "Why the chain
+        drifted").
 
         Args:
-            prior_sd: error standard deviation of the estimate without x_t, in image units.
+            change_sd: s_d, the RMS of x0 - y0 (identity's error) in image units.
 
         Returns:
-            (T, 3) float32: per step, the coefficient of the network's (scaled) input x_t, of y0 and c_t,
-            so that x0_pred = a_t x_in - b_t y0 + (1 - c_t) f for x_in = ``scale_model_input(x_t, t)``.
+            (T, 3) float32 (a_t, b_t, k_t): x0_pred = a_t x_in + b_t y0 + k_t f for the network's
+            input x_in = ``scale_model_input(x_t, t)``.
         """
-        if prior_sd <= 0:
-            raise ValueError(f"prior_sd must be positive, got {prior_sd}.")
+        if change_sd <= 0:
+            raise ValueError(f"change_sd must be positive, got {change_sd}.")
         etas = residual_shift_etas(
             self.num_train_timesteps, self.kappa, self.min_noise_level, self.etas_end, self.power
         )
         scale = (self.kappa**2 * etas + 1.0).rsqrt() if self.scale_input else torch.ones_like(etas)
-        # c_t and c_t / (1 - eta_t) written without dividing by 1 - eta_t, which is 0 for etas_end = 1
-        denominator = prior_sd**2 * (1.0 - etas) ** 2 + self.kappa**2 * etas
-        weight_over_rest = prior_sd**2 * (1.0 - etas) / denominator
-        weight = weight_over_rest * (1.0 - etas)
-        return torch.stack([weight_over_rest / scale, weight_over_rest * etas, weight], dim=1).float()
+        # c_t / (1 - eta_t) and k_t multiplied through by 1 - eta_t, which is 0 for etas_end = 1
+        denominator = change_sd**2 * (1.0 - etas) ** 2 + self.kappa**2 * etas
+        skip_over_rest = change_sd**2 * (1.0 - etas) / denominator
+        out = (self.kappa**2 * etas / denominator).sqrt()
+        return torch.stack([skip_over_rest / scale, 1.0 - skip_over_rest - out, out], dim=1).float()
 
     def step(
         self,

@@ -226,7 +226,7 @@ def test_interval_scaling_makes_the_change_linear_in_the_interval(tmp_path):
 def test_pass_through_combines_the_estimate_with_x_t_as_its_table_says_and_belongs_to_the_weights():
     from custom.scheduler import ResidualShiftScheduler
 
-    table = ResidualShiftScheduler().pass_through_coefficients(0.075)
+    table = ResidualShiftScheduler().pass_through_coefficients(0.09)
     plain = _tiny(residual_output=True)
     _perturb(plain)
     combined = _tiny(residual_output=True, pass_through=table)
@@ -239,10 +239,10 @@ def test_pass_through_combines_the_estimate_with_x_t_as_its_table_says_and_belon
     with torch.no_grad():
         f, out = plain(x, timesteps, context), combined(x, timesteps, context)
     for i, t in enumerate(timesteps.tolist()):
-        a, b, c = table[t].tolist()
-        assert torch.allclose(out[i], a * x[i, 0:1] - b * x[i, 1:2] + (1 - c) * f[i], atol=1e-6)
+        a, b, k = table[t].tolist()
+        assert torch.allclose(out[i], a * x[i, 0:1] + b * x[i, 1:2] + k * f[i], atol=1e-6)
     # at t = 1 the output is almost x_t itself, whatever the network estimates
-    assert float((out[0] - x[0, 0:1]).abs().max()) < 0.01 < float((f[0] - x[0, 0:1]).abs().max())
+    assert float((out[0] - x[0, 0:1]).abs().max()) < 0.1 * float((f[0] - x[0, 0:1]).abs().max())
     with pytest.raises(ValueError, match="pass_through"):
         _tiny(pass_through=table[:, :2])
     # the weights carry the table: the network without it refuses them

@@ -134,27 +134,30 @@ def test_set_timesteps_follows_monai_protocol_and_refuses_skipped_steps():
         s.set_timesteps(5)
 
 
-def test_pass_through_coefficients_recover_x0_from_a_noise_free_x_t_by_the_stated_weight():
+def test_pass_through_coefficients_are_edms_skip_and_output_weights_for_the_residual_shift_marginal():
     s = ResidualShiftScheduler()
-    table = s.pass_through_coefficients(0.075)
+    table = s.pass_through_coefficients(0.09)
     assert table.shape == (s.num_train_timesteps, 3)
     g = torch.Generator().manual_seed(0)
-    x0, y0 = torch.rand(2, 1, 4, 4, 4, generator=g), torch.rand(2, 1, 4, 4, 4, generator=g)
+    x0, y0, f = (torch.rand(2, 1, 4, 4, 4, generator=g) for _ in range(3))
     etas = s.etas.double()
-    expected_weight = 0.075**2 / (0.075**2 + s.kappa**2 * etas / (1 - etas) ** 2)
+    sigma = s.kappa * etas.sqrt() / (1 - etas)
+    skip, out = 0.09**2 / (0.09**2 + sigma**2), sigma / (sigma**2 + 0.09**2).sqrt()
     for t in range(s.num_train_timesteps):
         x_in = s.scale_model_input(s.add_noise(x0, y0, torch.zeros_like(x0), torch.tensor([t, t])), t)
-        a, b, c = table[t].tolist()
-        # a x_in - b y0 = c x_hat, and x_hat = x0 when x_t holds no noise
-        assert torch.allclose(a * x_in - b * y0, c * x0, atol=1e-6)
-        assert c == pytest.approx(float(expected_weight[t]), rel=1e-5)
-    weights = table[:, 2]
-    # the clean end passes x_t through, the prior end leaves the network's own estimate
-    assert weights[0] > 0.99 and weights[-1] < 1e-3 and bool((weights[1:] < weights[:-1]).all())
+        a, b, k = table[t].tolist()
+        # without noise x_hat = x0: x0_pred = c x0 + (1 - c) y0 + k (f - y0)
+        expected = float(skip[t]) * x0 + (1 - float(skip[t])) * y0 + float(out[t]) * (f - y0)
+        assert torch.allclose(a * x_in + b * y0 + k * f, expected, atol=1e-5)
+        assert k == pytest.approx(float(out[t]), rel=1e-5)
+    # t = T: the network's output alone (the mean prediction unchanged); t = 1: x_t with a small correction
+    assert float(table[-1, 2]) > 0.9999 and float(table[-1, 0]) < 0.01
+    assert float(table[0, 0]) > 0.999 and float(table[0, 2]) < 0.05
+    assert bool((table[1:, 2] > table[:-1, 2]).all())
 
 
-def test_pass_through_coefficients_refuse_a_bad_prior_and_stay_finite_at_eta_one():
-    with pytest.raises(ValueError, match="prior_sd"):
+def test_pass_through_coefficients_refuse_a_bad_spread_and_stay_finite_at_eta_one():
+    with pytest.raises(ValueError, match="change_sd"):
         ResidualShiftScheduler().pass_through_coefficients(0.0)
-    table = ResidualShiftScheduler(etas_end=1.0).pass_through_coefficients(0.075)
-    assert bool(torch.isfinite(table).all()) and float(table[-1].abs().max()) < 1e-6
+    a, b, k = ResidualShiftScheduler(etas_end=1.0).pass_through_coefficients(0.09)[-1].tolist()
+    assert abs(a) < 1e-6 and abs(b) < 1e-6 and k == pytest.approx(1.0)
