@@ -190,7 +190,8 @@ class ResidualShiftScheduler(nn.Module):
         sigma_t / s_d: x_t passes through and the network only corrects x_hat_t's noise, on a target
         of unit scale. Without it a network that always outputs y0 plus a change re-applies the
         change to an x_t that already holds it, and the chain drifts (docs/README.md, "Why the chain
-        drifted").
+        drifted", which also measures this remedy: it is off because it has not yet made the
+        samples better).
 
         Args:
             change_sd: s_d, the RMS of x0 - y0 (identity's error) in image units.
