@@ -241,7 +241,7 @@ class DiffusionSamplingInferer(Inferer):
 
     def sample_one(
         self, network: Callable, y0: torch.Tensor, context: torch.Tensor | None, generator: torch.Generator | None,
-        weeks: torch.Tensor | None = None,
+        weeks: torch.Tensor | None = None, on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """One sample of the follow-up for one case: x_T from ``prior``, then the scheduler's reverse steps.
 
@@ -251,13 +251,18 @@ class DiffusionSamplingInferer(Inferer):
             context: its text features (1, L, D) or ``None``.
             generator: random generator of the sampling noise, or ``None`` for the global state.
             weeks: its interval to the follow-up (1,) or ``None``.
+            on_step: called after every step with the step index, that step's x_t and the network's
+                output for it (e.g. ``scripts/trace_chain.py``'s record of the chain).
         """
         scheduler = self.scheduler.to(y0.device)
         scheduler.set_timesteps(self.num_inference_steps, device=y0.device)
         x_t = self.prior(y0, _randn(y0.shape, y0, generator))
         for t in self._steps(scheduler.timesteps.tolist()):
             model_output = self.denoise(network, self.model_input(x_t, int(t)), y0, int(t), context, weeks)
-            x_t, _ = scheduler.step(model_output, int(t), x_t, generator=generator)
+            x_prev, _ = scheduler.step(model_output, int(t), x_t, generator=generator)
+            if on_step is not None:
+                on_step(int(t), x_t, model_output)
+            x_t = x_prev
         return x_t
 
     def _context(self, inputs: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor | None:

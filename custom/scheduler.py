@@ -98,9 +98,6 @@ class ResidualShiftScheduler(nn.Module):
         super().__init__()
         self.num_train_timesteps = num_train_timesteps
         self.kappa = kappa
-        self.min_noise_level = min_noise_level
-        self.etas_end = etas_end
-        self.power = power
         self.scale_input = scale_input
         etas = residual_shift_etas(num_train_timesteps, kappa, min_noise_level, etas_end, power)
         etas_prev = torch.cat([torch.zeros(1, dtype=torch.float64), etas[:-1]])
@@ -202,10 +199,8 @@ class ResidualShiftScheduler(nn.Module):
         """
         if change_sd <= 0:
             raise ValueError(f"change_sd must be positive, got {change_sd}.")
-        etas = residual_shift_etas(
-            self.num_train_timesteps, self.kappa, self.min_noise_level, self.etas_end, self.power
-        )
-        scale = (self.kappa**2 * etas + 1.0).rsqrt() if self.scale_input else torch.ones_like(etas)
+        etas = self.etas.double()
+        scale = self.input_scale.double() if self.scale_input else torch.ones_like(etas)
         # c_t / (1 - eta_t) and k_t multiplied through by 1 - eta_t, which is 0 for etas_end = 1
         denominator = change_sd**2 * (1.0 - etas) ** 2 + self.kappa**2 * etas
         skip_over_rest = change_sd**2 * (1.0 - etas) / denominator

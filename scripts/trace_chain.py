@@ -51,19 +51,16 @@ def trace_case(network, inferer, case: dict, context: torch.Tensor | None, seed:
 
     generator = torch.Generator().manual_seed(seed)
     row = {"patient": case["patient"], "identity": psnr(y0), "chain_x0": [], "chain_xt": [], "true_x0": []}
+
+    def record(t: int, x_t: torch.Tensor, x0_pred: torch.Tensor) -> None:
+        row["chain_x0"].append(psnr(x0_pred))
+        row["chain_xt"].append(psnr(x_t))
+        true_x_t = scheduler.add_noise(x0, y0, torch.randn(x0.shape, generator=generator), torch.tensor([t]))
+        row["true_x0"].append(psnr(inferer.denoise(network, inferer.model_input(true_x_t, t), y0, t, context, weeks)))
+
     with torch.inference_mode():
         row["mean"] = psnr(inferer.predict_mean(y0, network, context, weeks))
-        scheduler.set_timesteps(None)
-        x_t = scheduler.prior_sample(y0, torch.randn(y0.shape, generator=generator))
-        for t in scheduler.timesteps.tolist():
-            x0_pred = inferer.denoise(network, scheduler.scale_model_input(x_t, t), y0, t, context, weeks)
-            row["chain_x0"].append(psnr(x0_pred))
-            row["chain_xt"].append(psnr(x_t))
-            x_t, _ = scheduler.step(x0_pred, t, x_t, generator=generator)
-            true_x_t = scheduler.add_noise(x0, y0, torch.randn(x0.shape, generator=generator), torch.tensor([t]))
-            row["true_x0"].append(psnr(inferer.denoise(network, scheduler.scale_model_input(true_x_t, t), y0, t,
-                                                       context, weeks)))
-        row["sample"] = psnr(x_t)
+        row["sample"] = psnr(inferer.sample_one(network, y0, context, generator, weeks, on_step=record))
     return row
 
 
