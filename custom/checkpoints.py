@@ -164,6 +164,16 @@ def mean_smoothing_sigma(model_path: str | os.PathLike) -> float:
     return float(read_model_settings(model_path).get("mean_smoothing_sigma", 0.0))
 
 
+def sample_output_step(model_path: str | os.PathLike) -> int:
+    """The reverse step whose x0 prediction a sample returns, chosen on validation with these weights; 1 (the
+    whole chain) when none was chosen (``custom.inferer.DiffusionSamplingInferer``'s ``sample_output_step``).
+
+    Args:
+        model_path: the weights file.
+    """
+    return int(read_model_settings(model_path).get("sample_output_step", 1))
+
+
 class ResumableCheckpoint:
     """Save the training state every ``save_interval`` epochs and resume from it when it exists.
 

@@ -332,13 +332,16 @@ class InferenceWriter:
         prediction: what ``followup.nii.gz`` is (``"mean"``: the mean prediction; ``"sample"``: the
             mean of posterior samples), written into ``prediction.json``.
         num_samples: posterior samples behind the uncertainty map (1: none).
+        sample_output_step: the reverse step whose x0 prediction each sample is (1: the whole chain), said in
+            ``prediction.json``.
         mean_smoothing_sigma: the inferer's smoothing of the returned mean (voxels), said in ``prediction.json``.
     """
 
     def __init__(self, output_dir: str | os.PathLike, prediction: str = "mean", num_samples: int = 1,
-                 mean_smoothing_sigma: float = 0.0) -> None:
+                 sample_output_step: int = 1, mean_smoothing_sigma: float = 0.0) -> None:
         self.output_dir = check_output_dir(output_dir)
         self.prediction, self.num_samples = prediction, int(num_samples)
+        self.sample_output_step = int(sample_output_step)
         self.mean_smoothing_sigma = float(mean_smoothing_sigma)
         self.written: list[dict] = []
 
@@ -380,6 +383,9 @@ class InferenceWriter:
                        f", Gaussian-smoothed (sigma {self.mean_smoothing_sigma:g} voxel)"
                        if self.mean_smoothing_sigma > 0 else ""),
                    "uncertainty_samples": self.num_samples if "uncertainty" in d else 0,
+                   "samples_are": None if self.num_samples == 1 and self.prediction == "mean" else (
+                       "x_0 of the whole chain" if self.sample_output_step == 1 else
+                       f"the x0 prediction at reverse step {self.sample_output_step} (denoised)"),
                    "fibrosis": d.get("fibrosis_summary"),
                    "coverage": coverage,
                    "files": {**files, "figure": str(figure)}}

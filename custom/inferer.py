@@ -128,6 +128,14 @@ class DiffusionSamplingInferer(Inferer):
         mode: blending of overlapping windows, ``"gaussian"`` or ``"constant"``.
         sigma_scale: standard deviation of the Gaussian importance map relative to the window.
         num_samples: samples drawn per case; the prediction is their mean.
+        sample_output_step: the reverse step t (T..1, counted as in the papers: 1 is the last) whose
+            x0 prediction a chain returns as its sample. 1 runs the whole chain and returns x_0; t > 1
+            stops the chain there and returns the denoiser's x0 prediction, the posterior mean
+            E[x0 | x_t, y0] of Tweedie's formula (Efron 2011): a *denoised* sample that keeps the
+            uncertainty the chain has resolved down to t (where the lesions grow) and not the voxel
+            noise of the last steps. The mean of such samples is the conditional mean E[x0 | y0]
+            (tower rule), as for full samples. The value belongs to the weights, chosen on their
+            validation fold (``custom.checkpoints.sample_output_step``).
         return_uncertainty: ``__call__`` returns ``[mean, std]`` as two channels instead of the mean alone.
         mean_smoothing_sigma: Gaussian sigma in voxels applied to the returned follow-up, a mean (of the
             samples here, ``ResidualShiftInferer``'s mean prediction there; 0: none). The value belongs
@@ -160,6 +168,7 @@ class DiffusionSamplingInferer(Inferer):
         mode: str = "gaussian",
         sigma_scale: float = 0.125,
         num_samples: int = 1,
+        sample_output_step: int = 1,
         return_uncertainty: bool = False,
         mean_smoothing_sigma: float = 0.0,
         text_encoder: EncodeTexts | None = None,
@@ -191,7 +200,11 @@ class DiffusionSamplingInferer(Inferer):
             cache_roi_weight_map=True,
             progress=False,
         )
+        if not 1 <= sample_output_step <= self.num_inference_steps:
+            raise ValueError(f"sample_output_step must be in [1, {self.num_inference_steps}] (the reverse steps), "
+                             f"got {sample_output_step}.")
         self.num_samples = num_samples
+        self.sample_output_step = int(sample_output_step)
         self.return_uncertainty = return_uncertainty
         self.mean_smoothing_sigma = float(mean_smoothing_sigma)
         self.text_encoder = text_encoder
@@ -243,7 +256,8 @@ class DiffusionSamplingInferer(Inferer):
         self, network: Callable, y0: torch.Tensor, context: torch.Tensor | None, generator: torch.Generator | None,
         weeks: torch.Tensor | None = None, on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
-        """One sample of the follow-up for one case: x_T from ``prior``, then the scheduler's reverse steps.
+        """One sample of the follow-up for one case: x_T from ``prior``, then the scheduler's reverse steps
+        down to ``sample_output_step``, whose x0 prediction is returned (x_0 itself when that is the last step).
 
         Args:
             network: the denoiser.
@@ -257,13 +271,15 @@ class DiffusionSamplingInferer(Inferer):
         scheduler = self.scheduler.to(y0.device)
         scheduler.set_timesteps(self.num_inference_steps, device=y0.device)
         x_t = self.prior(y0, _randn(y0.shape, y0, generator))
-        for t in self._steps(scheduler.timesteps.tolist()):
+        steps = scheduler.timesteps.tolist()
+        for t in self._steps(steps[: len(steps) - self.sample_output_step + 1]):
             model_output = self.denoise(network, self.model_input(x_t, int(t)), y0, int(t), context, weeks)
-            x_prev, _ = scheduler.step(model_output, int(t), x_t, generator=generator)
+            x_prev, x0_pred = scheduler.step(model_output, int(t), x_t, generator=generator)
             if on_step is not None:
                 on_step(int(t), x_t, model_output)
             x_t = x_prev
-        return x_t
+        # after the last step x_t is x_0; a chain stopped earlier returns that step's x0 prediction
+        return x_t if self.sample_output_step == 1 else x0_pred
 
     def _context(self, inputs: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor | None:
         """The text context of the cases in ``inputs`` (B, 1, ...): ``context`` when given, else the encoded text.

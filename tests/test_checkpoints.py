@@ -161,7 +161,7 @@ def test_final_validation_runs_once_when_training_never_validated_and_a_good_mod
 
 
 def test_best_model_saver_writes_the_validated_smoothing_with_the_weights(tmp_path):
-    from custom.checkpoints import mean_smoothing_sigma, read_model_settings, settings_path
+    from custom.checkpoints import mean_smoothing_sigma, read_model_settings, sample_output_step, settings_path
 
     model = torch.nn.Linear(3, 1)
     path = tmp_path / "model.pt"
@@ -171,6 +171,7 @@ def test_best_model_saver_writes_the_validated_smoothing_with_the_weights(tmp_pa
     engine.state.metrics = {"gain": 0.8, "sigma": 0.75}
     saver(engine)
     assert mean_smoothing_sigma(path) == 0.75 and read_model_settings(path)["gain"] == pytest.approx(0.8)
+    assert sample_output_step(path) == 1  # a training chooses no sampler: the whole chain
     # settings never outlive their weights: other weights at the same path are refused, not smoothed
     torch.save({"other": torch.zeros(1)}, path)
     with pytest.raises(ValueError, match="other weights"):

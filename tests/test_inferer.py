@@ -118,6 +118,30 @@ def test_samples_are_reproducible_and_give_mean_and_uncertainty():
     assert torch.equal(both[:, :1], mean_mode.predict_mean(y0, net)) and torch.equal(both[:, 1:], out.std)
 
 
+def test_a_chain_stopped_at_step_k_returns_that_steps_x0_prediction_after_the_same_steps():
+    y0 = torch.rand(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(6))
+    scheduler = ResidualShiftScheduler()
+    full, stopped = _Pointwise(), _Pointwise()
+    seen = {}
+    ResidualShiftInferer(scheduler, roi_size=16, seed=2).sample_one(
+        full, y0, None, torch.Generator().manual_seed(2), on_step=lambda t, x_t, out: seen.setdefault(t, out))
+    sample = ResidualShiftInferer(scheduler, roi_size=16, sample_output_step=5).sample_one(
+        stopped, y0, None, torch.Generator().manual_seed(2))
+    # steps T..5 (indices 14..4) are run with the same noise, then the x0 prediction of step 5 is returned
+    assert stopped.steps == list(range(14, 3, -1)) and full.steps == list(range(14, -1, -1))
+    assert torch.equal(sample, seen[4])
+    # an oracle's x0 prediction is exact at every step, so any stop returns x0
+    oracle = ResidualShiftInferer(scheduler, roi_size=16, sample_output_step=8, prediction="sample")
+    assert torch.allclose(oracle(y0, _ResidualOracle()), _true_x0(y0), atol=1e-6)
+    # the DDPM baseline stops the same way, on the x0 its scheduler derives from the predicted noise
+    ddim = DDIMScheduler(num_train_timesteps=1000)
+    stopped_ddim = DiffusionSamplingInferer(ddim, num_inference_steps=10, roi_size=16, sample_output_step=3)
+    assert torch.allclose(stopped_ddim(y0, _EpsilonOracle(ddim.alphas_cumprod)), _true_x0(y0), atol=1e-3)
+    for bad in (0, 16):
+        with pytest.raises(ValueError, match="sample_output_step"):
+            ResidualShiftInferer(scheduler, sample_output_step=bad)
+
+
 def test_mean_prediction_is_one_call_at_the_last_step_on_the_initial_scan():
     y0 = torch.rand(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(8))
     net = _Pointwise()

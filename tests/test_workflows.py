@@ -210,7 +210,7 @@ def test_classifier_input_carries_the_change_between_the_scans():
 def test_inference_writes_followup_change_uncertainty_and_figure(prepared, raw_case, tmp_path):
     out = tmp_path / "train"
     run_config(["train"], **_train_overrides(prepared, out))
-    write_model_settings(out / "model.pt", {"mean_smoothing_sigma": 0.5})
+    write_model_settings(out / "model.pt", {"mean_smoothing_sigma": 0.5, "sample_output_step": 6})
     inference = {"input": str(raw_case), "record": _record(3), "ckpt_dir": str(prepared / "models"),
                  "model_path": str(out / "model.pt"), "output_dir": str(tmp_path / "inf"),
                  "grid": {"size": [GRID] * 3, "spacing_mm": 1.0}, "allow_cropped": True,
@@ -228,6 +228,7 @@ def test_inference_writes_followup_change_uncertainty_and_figure(prepared, raw_c
     assert "forced vital capacity 2450 ml" in summary["text"]
     assert summary["prediction"] == "mean prediction, Gaussian-smoothed (sigma 0.5 voxel)"
     assert summary["uncertainty_samples"] == 2
+    assert summary["samples_are"] == "the x0 prediction at reverse step 6 (denoised)"
     # Re-running skips the finished case instead of overwriting it.
     stamp = (folder / "followup.nii.gz").stat().st_mtime_ns
     run_config(["inference"], **inference)
@@ -392,3 +393,18 @@ def test_pass_through_reaches_the_network_from_one_config_value(bundle_root, con
     assert torch.equal(table, ResidualShiftScheduler(kappa=0.2).pass_through_coefficients(0.05))
     parser["pass_through_sd"] = None
     assert parser.get_parsed_content("network_def", instantiate=True).pass_through.numel() == 0
+
+
+def test_the_sample_output_step_reaches_the_inferer_from_the_weights_settings(bundle_root, tmp_path):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle_root / "configs" / "inference.json"))
+    parser.get_parsed_content("imports")
+    parser.update({"model_path": str(tmp_path / "model.pt"), "use_text": False})
+    torch.save({"w": torch.zeros(1)}, tmp_path / "model.pt")
+    assert parser.get_parsed_content("inferer", instantiate=True).sample_output_step == 1  # nothing chosen: x_0
+    write_model_settings(tmp_path / "model.pt", {"sample_output_step": 7})
+    parser.update({"model_path": str(tmp_path / "model.pt")})
+    parser.parse()
+    assert parser.get_parsed_content("inferer", instantiate=True).sample_output_step == 7
