@@ -43,6 +43,36 @@ def masked_psnr(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, da
     return 10.0 * torch.log10(data_range**2 / mse.clamp_min(1e-12))
 
 
+def masked_ensemble_crps(samples: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
+    """The fair continuous ranked probability score of an ensemble, per voxel, averaged inside ``mask``.
+
+    CRPS = E|S - y| - E|S - S'| / 2 for S, S' independent draws of the forecast (Gneiting & Raftery,
+    JASA 2007, Eq. 21), with the fair ensemble estimate of the second term, sum over i != j of
+    |s_i - s_j| / (2 n (n - 1)) (Ferro, QJRMS 2014), so that ensembles of any size score alike in
+    expectation. A proper score: it rewards samples whose spread matches the error, and for one
+    member it is the absolute error of a point forecast. Lower is better, in image units.
+
+    Args:
+        samples: the ensemble, (n, 1, D, H, W) or (n, D, H, W).
+        target: the observed image, (1, D, H, W) or (D, H, W).
+        mask: where to score, same spatial shape as ``target``; non-zero means inside.
+    """
+    n = samples.shape[0]
+    inside = torch.as_tensor(mask).reshape(target.shape) > 0
+    if not bool(inside.any()):
+        raise ValueError("CRPS needs a non-empty region mask.")
+    members = samples.reshape(n, *target.shape)[:, inside].float()
+    observed = torch.as_tensor(target)[inside].float()
+    skill = (members - observed).abs().mean(0)
+    spread = torch.zeros_like(skill)
+    for i in range(n):
+        for j in range(i + 1, n):
+            spread += (members[i] - members[j]).abs()
+    # each pair counted once above, so the sum over i != j is twice it
+    spread = spread / (n * (n - 1)) if n > 1 else spread
+    return float((skill - spread).mean())
+
+
 def masked_ssim(
     pred: torch.Tensor,
     target: torch.Tensor,

@@ -70,8 +70,8 @@ def main() -> None:
     args = parser.parse_args()
     from custom.clinical.text import record_to_text
 
-    # the network's own mean: this is about the chain, not the shipped smoothing
-    overrides = {"mean_smoothing_sigma": 0.0, **parse_overrides(args.override)}
+    # the network's own mean and the whole chain: this is about the chain, not the shipped settings
+    overrides = {"mean_smoothing_sigma": 0.0, "sample_output_step": 1, **parse_overrides(args.override)}
     network, inferer, text_encoder = build(args.ckpt_dir, overrides)
     network.eval()
     rows = []

@@ -9,7 +9,7 @@ import torch
 from ignite.engine import Engine
 from monai.metrics import PSNRMetric, SSIMMetric
 
-from custom.metrics import MaskedImageMetric, masked_psnr, masked_ssim
+from custom.metrics import MaskedImageMetric, masked_ensemble_crps, masked_psnr, masked_ssim
 
 
 def _pair(seed: int = 0):
@@ -115,3 +115,43 @@ def test_smoothed_gain_keeps_an_exact_prediction_unsmoothed_and_refuses_bad_sigm
             SmoothedGainMetric(sigmas)
     with pytest.raises(RuntimeError, match="before any case"):
         SmoothedGainMetric([0.0]).compute()
+
+
+def test_ensemble_crps_on_hand_computed_cases_and_a_gaussian_forecast():
+    target = torch.tensor([[[[1.0, 5.0]]]])  # (1, 1, 1, 2); the second voxel is outside the mask
+    mask = torch.tensor([[[[1, 0]]]])
+    # one member: the absolute error
+    assert masked_ensemble_crps(torch.full((1, 1, 1, 1, 2), 0.25), target, mask) == pytest.approx(0.75)
+    # members 0 and 2 around 1: mean error 1, fair spread term |0 - 2| / (2 * 2 * 1) * 2 = 1
+    members = torch.tensor([0.0, 2.0]).reshape(2, 1, 1, 1, 1).expand(2, 1, 1, 1, 2)
+    assert masked_ensemble_crps(members, target, mask) == pytest.approx(0.0)
+    # a calibrated ensemble (members and observation drawn from N(0, 1)) scores E CRPS = 1 / sqrt(pi)
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.randn(4, 1, 40, 40, 40, generator=generator)
+    observed = torch.randn(1, 40, 40, 40, generator=generator)
+    full = torch.ones(1, 40, 40, 40)
+    score = masked_ensemble_crps(draws, observed, full)
+    assert score == pytest.approx(1 / math.sqrt(math.pi), abs=0.01)
+    # a spread that is too small or too large scores worse than the calibrated one
+    for scale in (0.3, 3.0):
+        assert masked_ensemble_crps(scale * draws, observed, full) > score + 0.05
+    with pytest.raises(ValueError, match="non-empty"):
+        masked_ensemble_crps(members, target, torch.zeros_like(mask))
+
+
+def test_sample_step_sweep_scores_gains_and_estimates_the_mean_of_eight():
+    from scripts.sweep_sample_step import summarize
+
+    def step(one: float, average: float, variance: float, crps: float) -> dict:
+        return {"one": [one, one], "one_new": [one, one], "average": average, "average_new": average,
+                "variance": variance, "variance_new": variance, "crps": crps}
+
+    # identity's squared error 0.02; at t = 2 one sample halves it (+3.01 dB), at t = 1 it doubles it
+    row = {"steps": [2, 1], "identity": 0.02, "identity_new": 0.02,
+           "per_step": [step(0.01, 0.008, 0.004, 0.03), step(0.04, 0.03, 0.01, 0.05)]}
+    table, best = summarize([row], chains=2)
+    assert table[0]["one"] == pytest.approx(10 * math.log10(2))
+    assert table[1]["one"] == pytest.approx(-10 * math.log10(2))
+    # the mean of 8 from the mean of 2: 0.008 - 0.004 / 2 + 0.004 / 8 = 0.0065
+    assert table[0]["mean_of_8_estimated"] == pytest.approx(10 * math.log10(0.02 / 0.0065))
+    assert table[0]["mean_of_2"] == pytest.approx(10 * math.log10(0.02 / 0.008)) and best == 2
