@@ -3,9 +3,10 @@
 Per patient of ``generate_cohort``'s adult default (512 x 512 matrix, 1-2.5 mm slices): the
 generation of the pair, its preparation step by step (loading, lung segmentation of both scans,
 dilation, per-lung registration, resampling to the model grid) and the prediction from the raw
-initial CT with ``predict_followup`` (mean prediction, the default), plus one 15-step posterior
-sample for the first patient. Targets (issue "Adult-size chests end to end"): preparation of a
-pair <= 60 s, mean prediction of a case <= 60 s, on 2 CPU cores.
+initial CT with ``predict_followup`` (mean prediction, the default), plus for the first patient one
+posterior sample as shipped (the chain stopped at ``sample_output_step``) and one of the whole 15-step
+chain. Targets (issue "Adult-size chests end to end"): preparation of a pair <= 60 s, mean prediction
+of a case <= 60 s, on 2 CPU cores.
 
     python scripts/benchmark_adult.py --patients 3
 """
@@ -55,9 +56,11 @@ def time_patient(index: int, seed: int, work: Path, sample: bool) -> dict:
     row["mean_prediction"] = time.perf_counter() - start
     row["lungs_inside_grid"] = result["summary"]["coverage"]["lungs_inside_grid"]
     if sample:
-        start = time.perf_counter()
-        predict_followup(folder / "initial.nii.gz", record, output_dir=work / "sample", prediction="sample")
-        row["sample_15_steps"] = time.perf_counter() - start
+        for name, overrides in (("sample_shipped", {}), ("sample_15_steps", {"sample_output_step": 1})):
+            start = time.perf_counter()
+            predict_followup(folder / "initial.nii.gz", record, output_dir=work / name, prediction="sample",
+                             **overrides)
+            row[name] = time.perf_counter() - start
         row["reshaped"] = [reshaped_case(folder / "initial.nii.gz", record, work, stretch)
                            for stretch in RESHAPED_STRETCHES]
     shutil.rmtree(folder)
@@ -123,8 +126,11 @@ def report(rows: list[dict], machine: str, load: str) -> str:
               f"{max(mean_pred):.1f} s (target <= 60 s)."]
     sampled = [r for r in rows if "sample_15_steps" in r]
     if sampled:
-        lines.append(f"One 15-step posterior sample of {sampled[0]['patient']}: {sampled[0]['sample_15_steps']:.1f} s "
-                     f"(against {sampled[0]['mean_prediction']:.1f} s for its mean prediction).")
+        first = sampled[0]
+        lines.append(f"One posterior sample of {first['patient']}: {first['sample_shipped']:.1f} s as shipped "
+                     f"(denoised, the chain stopped at its sample_output_step), {sampled[0]['sample_15_steps']:.1f} s "
+                     f"for the whole 15-step chain (against {sampled[0]['mean_prediction']:.1f} s for its mean "
+                     "prediction).")
     for case in (sampled[0].get("reshaped", []) if sampled else []):
         lines.append(f"Constructed CT, {sampled[0]['patient']} stretched {case['stretch']} and resampled to "
                      f"{'x'.join(map(str, case['shape']))} voxels of {'x'.join(f'{v:g}' for v in case['spacing'])} mm: "
