@@ -51,6 +51,18 @@ def load_case(entry: dict, weeks: float | None = None) -> dict:
     return case
 
 
+def case_context(text_encoder, case: dict) -> torch.Tensor | None:
+    """The text features (1, L, D) of a case's lung-function record, ``None`` for a model without text.
+
+    Args:
+        text_encoder: the inference config's text encoder, or ``None``.
+        case: ``load_case``'s dict of the case.
+    """
+    from custom.clinical.text import record_to_text
+
+    return None if text_encoder is None else text_encoder([record_to_text(case["record"], case["patient"])])
+
+
 def parse_overrides(pairs: list[str]) -> dict:
     """``id=value`` strings (values in JSON) as inference config overrides."""
     return {k: json.loads(v) for k, v in (pair.split("=", 1) for pair in pairs)}
@@ -100,8 +112,6 @@ def main() -> None:
     if args.predictions is not None and (args.samples or args.baselines_only):
         parser.error("--predictions scores saved mean predictions: no --samples or --baselines-only with it")
 
-    from custom.clinical.text import record_to_text
-
     entries = datalist_entries(args)
     overrides = parse_overrides(args.override)
     network = inferer = text_encoder = None
@@ -119,7 +129,7 @@ def main() -> None:
             saved = nib.load(args.predictions / f"{case['patient']}.nii.gz").dataobj
             prediction = torch.as_tensor(np.asarray(saved, dtype=np.float32))[None]
         else:
-            context = None if text_encoder is None else text_encoder([record_to_text(case["record"], case["patient"])])
+            context = case_context(text_encoder, case)
             region = torch.as_tensor(case["mask"] > 0)
             prediction = inferer.predict_mean(y0, network, context, case["weeks"])[0] * region
         times.append(time.perf_counter() - start)

@@ -31,14 +31,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from custom.clinical.text import record_to_text  # noqa: E402
 from custom.evaluation import case_rows, paired_difference, write_report  # noqa: E402
 from custom.fibrosis import high_attenuation_area  # noqa: E402
 from custom.geometry import denormalize, voxel_spacing  # noqa: E402
 from custom.io import atomic_write_bytes, write_json  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evaluate_heldout import build, common_arguments, datalist_entries, load_case, parse_overrides  # noqa: E402
+from evaluate_heldout import build, case_context, common_arguments, datalist_entries, load_case, parse_overrides  # noqa: E402
 
 
 def change_measures(followup: np.ndarray, initial: np.ndarray, lungs: np.ndarray, spacing: np.ndarray,
@@ -75,7 +74,7 @@ def main() -> None:
         own = case["weeks"]
         y0 = torch.as_tensor(case["image"])[None]
         region = torch.as_tensor(case["mask"] > 0)
-        context = None if text_encoder is None else text_encoder([record_to_text(case["record"], case["patient"])])
+        context = case_context(text_encoder, case)
         initial, lungs = case["image"][0], case["lungs"][0]
         spacing = voxel_spacing(nib.load(entry["image"]).affine)
         initial_haa = high_attenuation_area(denormalize(initial), lungs, spacing)

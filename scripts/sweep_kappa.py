@@ -36,7 +36,7 @@ from custom.evaluation import paired_difference  # noqa: E402
 from custom.io import atomic_write_bytes, write_json  # noqa: E402
 from custom.metrics import masked_psnr  # noqa: E402
 from custom.scheduler import ResidualShiftScheduler  # noqa: E402
-from scripts.evaluate_heldout import build, load_case, parse_overrides  # noqa: E402
+from scripts.evaluate_heldout import build, case_context, load_case, parse_overrides  # noqa: E402
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,8 +51,6 @@ def score(kappa: float, ckpt_dir: Path, cases: list[dict], seed: int, overrides:
         seed: seed of the sample and of the noise of x_t.
         overrides: inference config overrides (the grid, the network's options).
     """
-    from custom.clinical.text import record_to_text
-
     # the network's own mean: the shipped smoothing was chosen for the shipped weights
     settings = {"mean_smoothing_sigma": 0.0, **overrides, "scheduler#kappa": kappa,
                 "model_path": str(ckpt_dir / "model.pt")}
@@ -66,7 +64,7 @@ def score(kappa: float, ckpt_dir: Path, cases: list[dict], seed: int, overrides:
         case = load_case(entry)
         y0, x0 = torch.as_tensor(case["image"])[None], torch.as_tensor(case["target"])[None]
         lungs, region = torch.as_tensor(case["lungs"])[None] > 0, torch.as_tensor(case["mask"])[None] > 0
-        context = None if text_encoder is None else text_encoder([record_to_text(case["record"], case["patient"])])
+        context = case_context(text_encoder, case)
 
         def psnr(pred: torch.Tensor, x0: torch.Tensor = x0, lungs: torch.Tensor = lungs,
                  region: torch.Tensor = region) -> float:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from custom.io import write_json  # noqa: E402
 from custom.metrics import masked_ensemble_crps  # noqa: E402
-from scripts.evaluate_heldout import build, common_arguments, datalist_entries, load_case, parse_overrides  # noqa: E402
+from scripts.evaluate_heldout import build, case_context, common_arguments, datalist_entries, load_case, parse_overrides  # noqa: E402
 
 
 def mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
@@ -116,15 +116,13 @@ def main() -> None:
     parser.add_argument("--chains", type=int, default=3, help="samples per case")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first chain")
     args = parser.parse_args()
-    from custom.clinical.text import record_to_text
-
     overrides = {"mean_smoothing_sigma": 0.0, **parse_overrides(args.override)}
     network, inferer, text_encoder = build(args.ckpt_dir, overrides)
     network.eval()
     rows = []
     for entry in datalist_entries(args):
         case = load_case(entry)
-        context = None if text_encoder is None else text_encoder([record_to_text(case["record"], case["patient"])])
+        context = case_context(text_encoder, case)
         rows.append(sweep_case(network, inferer, case, context, args.chains, args.seed))
         print(json.dumps({"patient": case["patient"], "identity_db": -10 * np.log10(rows[-1]["identity"]),
                           "mean_db": -10 * np.log10(rows[-1]["mean"])}), flush=True)
