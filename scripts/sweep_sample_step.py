@@ -13,8 +13,9 @@ real follow-up:
   proper score that rewards sharp samples only as far as they are calibrated; the mean prediction
   is scored as a one-member ensemble (its absolute error).
 
-Everything is unsmoothed (this is about the chain; the inferer smooths the mean of samples it
-returns). The step with the lowest CRPS, averaged over the cases, is printed as the choice.
+Every chain runs to t = 1 whatever the weights' ``sample_output_step``, and everything is unsmoothed
+(this is about the chain; the inferer smooths the mean of samples it returns). The step with the
+lowest CRPS, averaged over the cases, is printed as the choice.
 
     python scripts/sweep_sample_step.py --prepared data/seed2/prepared --out runs/sample_step --limit 4 --chains 3
 """
@@ -116,7 +117,7 @@ def main() -> None:
     parser.add_argument("--chains", type=int, default=3, help="samples per case")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first chain")
     args = parser.parse_args()
-    overrides = {"mean_smoothing_sigma": 0.0, **parse_overrides(args.override)}
+    overrides = {"mean_smoothing_sigma": 0.0, "sample_output_step": 1, **parse_overrides(args.override)}
     network, inferer, text_encoder = build(args.ckpt_dir, overrides)
     network.eval()
     rows = []
