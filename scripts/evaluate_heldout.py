@@ -79,6 +79,15 @@ def build(ckpt_dir: Path, overrides: dict):
             parser.get_parsed_content("text_encoder"))
 
 
+def whole_chain_model(args: argparse.Namespace) -> tuple:
+    """The network (in eval mode), inferer and text encoder for a study of the chain itself: every sample runs the
+    whole chain and nothing is smoothed, whatever the weights' ``model.json`` says (``--override`` still applies)."""
+    overrides = {"mean_smoothing_sigma": 0.0, "sample_output_step": 1, **parse_overrides(args.override)}
+    network, inferer, text_encoder = build(args.ckpt_dir, overrides)
+    network.eval()
+    return network, inferer, text_encoder
+
+
 def common_arguments(description: str) -> argparse.ArgumentParser:
     """The arguments every held-out script takes: the cohort, the output, the model and the inference overrides."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)

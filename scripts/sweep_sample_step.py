@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from custom.io import write_json  # noqa: E402
 from custom.metrics import masked_ensemble_crps  # noqa: E402
-from scripts.evaluate_heldout import build, case_context, common_arguments, datalist_entries, load_case, parse_overrides  # noqa: E402
+from scripts.evaluate_heldout import case_context, common_arguments, datalist_entries, load_case, whole_chain_model  # noqa: E402
 
 
 def mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
@@ -117,9 +117,7 @@ def main() -> None:
     parser.add_argument("--chains", type=int, default=3, help="samples per case")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first chain")
     args = parser.parse_args()
-    overrides = {"mean_smoothing_sigma": 0.0, "sample_output_step": 1, **parse_overrides(args.override)}
-    network, inferer, text_encoder = build(args.ckpt_dir, overrides)
-    network.eval()
+    network, inferer, text_encoder = whole_chain_model(args)
     rows = []
     for entry in datalist_entries(args):
         case = load_case(entry)

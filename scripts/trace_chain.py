@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from custom.io import write_json  # noqa: E402
 from custom.metrics import masked_psnr  # noqa: E402
-from scripts.evaluate_heldout import build, case_context, common_arguments, datalist_entries, load_case, parse_overrides  # noqa: E402
+from scripts.evaluate_heldout import case_context, common_arguments, datalist_entries, load_case, whole_chain_model  # noqa: E402
 
 
 def trace_case(network, inferer, case: dict, context: torch.Tensor | None, seed: int) -> dict:
@@ -68,10 +68,7 @@ def main() -> None:
     parser = common_arguments(__doc__)
     parser.add_argument("--seed", type=int, default=0, help="seed of the chains and of the true x_t")
     args = parser.parse_args()
-    # the network's own mean and the whole chain: this is about the chain, not the shipped settings
-    overrides = {"mean_smoothing_sigma": 0.0, "sample_output_step": 1, **parse_overrides(args.override)}
-    network, inferer, text_encoder = build(args.ckpt_dir, overrides)
-    network.eval()
+    network, inferer, text_encoder = whole_chain_model(args)
     rows = []
     for entry in datalist_entries(args):
         case = load_case(entry)
