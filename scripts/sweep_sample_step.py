@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from custom.constants import HU_WINDOW  # noqa: E402
 from custom.io import write_json  # noqa: E402
 from custom.metrics import masked_ensemble_crps  # noqa: E402
 from scripts.evaluate_heldout import case_context, common_arguments, datalist_entries, load_case, whole_chain_model  # noqa: E402
@@ -127,14 +128,16 @@ def main() -> None:
                           "mean_db": -10 * np.log10(rows[-1]["mean"])}), flush=True)
     table, best = summarize(rows, args.chains)
     mean_gain = float(np.mean([10 * np.log10(r["identity"] / r["mean"]) for r in rows]))
-    crps = {name: 1200 * float(np.mean([r[f"crps_{name}"] for r in rows])) for name in ("identity", "mean")}
+    hu_per_unit = HU_WINDOW[1] - HU_WINDOW[0]  # the CRPS is in [0, 1] image units
+    crps = {name: hu_per_unit * float(np.mean([r[f"crps_{name}"] for r in rows])) for name in ("identity", "mean")}
     lines = [f"{len(rows)} cases x {args.chains} chains; gains in dB over identity, mean over cases; the mean "
              f"prediction (unsmoothed) {mean_gain:+.2f} dB, lungs CRPS {crps['mean']:.2f} HU (identity "
              f"{crps['identity']:.2f})", "",
              f"| t | one sample | mean of {args.chains} | mean of 8 (est.) | new lesions: one | mean of 8 (est.) "
              "| lungs CRPS (HU) |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['step']} | {r['one']:+.2f} | {r[f'mean_of_{args.chains}']:+.2f} | {r['mean_of_8_estimated']:+.2f} "
-              f"| {r['one_new']:+.2f} | {r['mean_of_8_estimated_new']:+.2f} | {1200 * r['crps']:.2f} |" for r in table]
+              f"| {r['one_new']:+.2f} | {r['mean_of_8_estimated_new']:+.2f} | {hu_per_unit * r['crps']:.2f} |"
+              for r in table]
     lines += ["", f"lowest CRPS: sample_output_step {best}"]
     print("\n".join(lines))
     args.out.mkdir(parents=True, exist_ok=True)
