@@ -49,6 +49,8 @@ def _fits(value: Any, default: Any) -> bool:
         return True  # an expression or a reference is checked when the config evaluates it
     if default is None or isinstance(default, str) and default[:1] in ("$", "@", "%"):
         return True
+    if isinstance(default, Mapping) and "_target_" in default:
+        return True  # a component computes the value (e.g. a setting read beside the weights): checked where it is used
     if isinstance(default, bool):
         return isinstance(value, bool)
     if isinstance(default, int):

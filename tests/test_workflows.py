@@ -408,3 +408,13 @@ def test_the_sample_output_step_reaches_the_inferer_from_the_weights_settings(bu
     parser.update({"model_path": str(tmp_path / "model.pt")})
     parser.parse()
     assert parser.get_parsed_content("inferer", instantiate=True).sample_output_step == 7
+
+
+def test_settings_read_beside_the_weights_can_be_overridden_with_a_value(bundle_root):
+    from cirresdiff_bundle.runner import check_overrides, config_paths
+
+    paths = config_paths(["inference"], bundle_root)
+    # the component that reads models/model.json gives way to the value asked for (the whole chain, no smoothing)
+    check_overrides(paths, {"sample_output_step": 1, "mean_smoothing_sigma": 0.0})
+    with pytest.raises(TypeError, match=r"num_samples='8' \(str\) does not fit its default 1"):
+        check_overrides(paths, {"num_samples": "8"})
