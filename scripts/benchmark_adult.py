@@ -128,13 +128,13 @@ def report(rows: list[dict], machine: str, load: str) -> str:
     if sampled:
         first = sampled[0]
         lines.append(f"One posterior sample of {first['patient']}: {first['sample_shipped']:.1f} s as shipped "
-                     f"(denoised, the chain stopped at its sample_output_step), {sampled[0]['sample_15_steps']:.1f} s "
-                     f"for the whole 15-step chain (against {sampled[0]['mean_prediction']:.1f} s for its mean "
+                     f"(denoised, the chain stopped at its sample_output_step), {first['sample_15_steps']:.1f} s "
+                     f"for the whole 15-step chain (against {first['mean_prediction']:.1f} s for its mean "
                      "prediction).")
-    for case in (sampled[0].get("reshaped", []) if sampled else []):
-        lines.append(f"Constructed CT, {sampled[0]['patient']} stretched {case['stretch']} and resampled to "
-                     f"{'x'.join(map(str, case['shape']))} voxels of {'x'.join(f'{v:g}' for v in case['spacing'])} mm: "
-                     f"{case['outcome']} ({case['seconds']:.1f} s).")
+        for case in first.get("reshaped", []):
+            lines.append(f"Constructed CT, {first['patient']} stretched {case['stretch']} and resampled to "
+                         f"{'x'.join(map(str, case['shape']))} voxels of {'x'.join(f'{v:g}' for v in case['spacing'])} "
+                         f"mm: {case['outcome']} ({case['seconds']:.1f} s).")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     lines += [f"Peak memory of the benchmark process (max RSS): {peak:.1f} GB.", ""]
     return "\n".join(lines)
