@@ -52,7 +52,14 @@ def ball(radius_mm: float, spacing: np.ndarray) -> np.ndarray:
 
 
 def dilate_mm(mask: np.ndarray, radius_mm: float, spacing: np.ndarray) -> np.ndarray:
-    """Binary dilation by a physical radius, computed with a distance transform (exact and fast).
+    """Binary dilation by a physical radius: the voxels whose Euclidean distance to the mask is <= ``radius_mm``.
+
+    The squared Euclidean distance transform is separable (Saito & Toriwaki 1994): one minimum per
+    axis over the offsets along it, each adding its squared length. Only offsets of at most the
+    radius along an axis can lead to a distance within the radius, so each axis pass is a minimum
+    over ``2 * floor(radius / spacing) + 1`` shifted copies: exact, and about 3x faster than
+    scipy's full transform on a whole scan's lungs (2026-12-07: 1.0 s against 3.3 s for a
+    10 mm margin on 360 x 226 x 211 voxels, 0.2 s against 3.3 s for 1.5 mm).
 
     Args:
         mask: binary mask.
@@ -61,10 +68,35 @@ def dilate_mm(mask: np.ndarray, radius_mm: float, spacing: np.ndarray) -> np.nda
     """
     if radius_mm <= 0 or not mask.any():
         return mask.copy()
-    # Only the mask's bounding box grown by the radius can change: the distance transform runs there alone.
+    # Only the mask's bounding box grown by the radius can change: the distance runs there alone.
     box = expand_box(bounding_box(mask), radius_mm, spacing, mask.shape)
+    squared = np.where(mask[box], np.float32(0.0), np.float32(np.inf))
+    for axis, step in enumerate(np.asarray(spacing, dtype=float)):
+        squared = _min_plus_along(squared, axis, step, radius_mm)
     out = np.zeros_like(mask, dtype=bool)
-    out[box] = ndimage.distance_transform_edt(~mask[box], sampling=spacing) <= radius_mm
+    # The relative margin absorbs float32 rounding of sums that equal the radius exactly.
+    out[box] = squared <= np.float32(radius_mm**2 * (1.0 + 1e-6))
+    return out
+
+
+def _min_plus_along(squared: np.ndarray, axis: int, step: float, radius_mm: float) -> np.ndarray:
+    """One axis of the separable squared distance: min over offsets k of ``squared[i + k] + (k * step)**2``.
+
+    Args:
+        squared: squared distances (mm^2) found along the previous axes (inf where none within reach).
+        axis: the axis to relax along.
+        step: voxel size along it in mm.
+        radius_mm: offsets longer than this are not tried.
+    """
+    out = squared.copy()
+    source, target = np.moveaxis(squared, axis, 0), np.moveaxis(out, axis, 0)
+    shifted = np.empty_like(source)
+    for k in range(1, min(int(np.floor(radius_mm / step * (1.0 + 1e-6))), source.shape[0] - 1) + 1):
+        cost = np.float32((k * step) ** 2)
+        np.add(source[:-k], cost, out=shifted[:-k])
+        np.minimum(target[k:], shifted[:-k], out=target[k:])
+        np.add(source[k:], cost, out=shifted[k:])
+        np.minimum(target[:-k], shifted[k:], out=target[:-k])
     return out
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from custom import segmentation
 from custom.constants import LEFT_LUNG, LESION_LABELS, REGION_MARGIN_MM, RIGHT_LUNG
@@ -52,6 +53,21 @@ def test_threshold_dice_and_lesion_coverage(cohort: Path, patient: str) -> None:
         if inside.any():
             assert region[inside].mean() >= 0.95, name
     assert region[lesions > 0].mean() >= 0.95
+
+
+@pytest.mark.parametrize("radius_mm", [0.7, 1.5, 2.1, 5.0])
+def test_dilation_is_the_euclidean_distance_within_the_radius(radius_mm: float) -> None:
+    """The separable dilation equals scipy's exact distance transform, radii at a multiple of a voxel size included."""
+    rng = np.random.default_rng(3)
+    mask = np.zeros((40, 33, 21), dtype=bool)
+    mask[tuple(rng.integers(0, n, 25) for n in mask.shape)] = True
+    mask[10:14, 5:9, 3:5] = True
+    spacing = np.array([0.7, 0.9, 2.1])
+    expected = ndimage.distance_transform_edt(~mask, sampling=spacing) <= radius_mm
+    got = dilate_mm(mask, radius_mm, spacing)
+    assert got.dtype == bool and got.shape == mask.shape
+    np.testing.assert_array_equal(got, expected)
+    assert got.sum() > mask.sum()
 
 
 def test_whole_chest_scans_are_segmented_on_pooled_pixels(cohort: Path, monkeypatch: pytest.MonkeyPatch) -> None:
