@@ -4,7 +4,8 @@ Every case of the prepared datalist (training and testing sections alike: the co
 as a whole, e.g. ``generate_cohort(seed=1)``) is predicted with the inference config's network,
 text encoder and inferer, and scored with ``custom.evaluation`` (lungs, disease-change region,
 dilated region; paired gains over identity with 95 % CIs). ``--samples N`` also scores one
-T-step posterior sample and the mean of N samples per case (slow: T network passes each).
+posterior sample as the inferer draws it (stopped at the weights' ``sample_output_step``) and the
+mean of N samples per case (slow: one network pass per reverse step).
 ``--save-predictions`` writes each mean prediction (model grid, [0, 1]) to
 ``<out>/predictions/<patient>.nii.gz``, for ``scripts/evaluate_progression.py``; ``--predictions DIR``
 scores such saved predictions instead of running the model. The model gets
