@@ -418,3 +418,15 @@ def test_settings_read_beside_the_weights_can_be_overridden_with_a_value(bundle_
     check_overrides(paths, {"sample_output_step": 1, "mean_smoothing_sigma": 0.0})
     with pytest.raises(TypeError, match=r"num_samples='8' \(str\) does not fit its default 1"):
         check_overrides(paths, {"num_samples": "8"})
+
+
+def test_the_window_settings_reach_the_inferer_from_the_config(bundle_root):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle_root / "configs" / "inference.json"))
+    parser.get_parsed_content("imports")
+    parser.update({"use_text": False, "sw_roi_size": [48, 48, 48], "sw_overlap": 0.5, "sw_sigma_scale": 0.25})
+    window = parser.get_parsed_content("inferer", instantiate=True).window
+    # scripts/sweep_windows.py compares window settings through these three ids alone
+    assert (tuple(window.roi_size), window.overlap, window.sigma_scale) == ((48, 48, 48), 0.5, 0.25)
