@@ -27,9 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from custom.evaluation import change_region, paired_difference  # noqa: E402
 from custom.io import atomic_write_bytes, write_json  # noqa: E402
-from scripts.evaluate_heldout import (  # noqa: E402
-    build, case_context, common_arguments, datalist_entries, load_case, parse_overrides,
-)
+from scripts import evaluate_heldout as heldout  # noqa: E402
 from scripts.sweep_output_smoothing import psnr  # noqa: E402
 
 REGIONS = ("lungs", "change")
@@ -42,20 +40,21 @@ def window_overrides(setting: str) -> dict:
 
 
 def main() -> None:
-    parser = common_arguments(__doc__)
+    parser = heldout.common_arguments(__doc__)
     parser.add_argument("--windows", nargs="+", default=["32,0.25,0.125", "32,0.5,0.25", "48,0.25,0.125"],
                         help="roi,overlap,sigma_scale per setting; the first is the reference")
     parser.add_argument("--flips", type=int, nargs="*", default=[],
                         help="spatial axes (0-2) to mirror, each averaged with the reference setting")
     args = parser.parse_args()
-    models = {w: build(args.ckpt_dir, {**parse_overrides(args.override), **window_overrides(w)}) for w in args.windows}
+    overrides = heldout.parse_overrides(args.override)
+    models = {w: heldout.build(args.ckpt_dir, {**overrides, **window_overrides(w)}) for w in args.windows}
     for network, _, _ in models.values():
         network.eval()
     names = list(args.windows) + [f"{args.windows[0]} + flip {axis}" for axis in args.flips]
     scores = {name: {r: [] for r in REGIONS} for name in ["identity", *names]}
     seconds = {name: [] for name in names}
-    for entry in datalist_entries(args):
-        case = load_case(entry)
+    for entry in heldout.datalist_entries(args):
+        case = heldout.load_case(entry)
         y0 = torch.as_tensor(case["image"])[None]
         x0, lungs = torch.as_tensor(case["target"]), torch.as_tensor(case["lungs"]) > 0
         region = torch.as_tensor(case["mask"] > 0)
@@ -66,8 +65,9 @@ def main() -> None:
             window, _, axis = name.partition(" + flip ")
             network, inferer, text_encoder = models[window]
             dims = (int(axis) + 2,) if axis else ()
+            context = heldout.case_context(text_encoder, case)
             start = time.perf_counter()
-            mean = inferer.predict_mean(torch.flip(y0, dims), network, case_context(text_encoder, case), case["weeks"])
+            mean = inferer.predict_mean(torch.flip(y0, dims), network, context, case["weeks"])
             mean = torch.flip(mean, dims)[0]
             predictions[name] = (mean + predictions[window]) / 2 if axis else mean
             seconds[name].append(time.perf_counter() - start)
