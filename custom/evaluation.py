@@ -148,6 +148,17 @@ def paired_difference(values: np.ndarray, baseline: np.ndarray, confidence: floa
     return {"mean": mean, "low": mean - half, "high": mean + half, "n": int(diff.size)}
 
 
+def format_difference(d: Mapping[str, float]) -> str:
+    """A ``paired_difference`` as table text: ``+m [+low, +high]``, the mean alone for one case, ``-`` for none.
+
+    Args:
+        d: output of ``paired_difference``.
+    """
+    if not d["n"]:
+        return "-"
+    return f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" if d["n"] > 1 else f"{d['mean']:+.3f}"
+
+
 def summarize(rows: list[dict], methods: tuple[str, ...] | None = None) -> dict[str, dict[str, dict[str, float]]]:
     """Mean, SD and count of every metric for every method (NaNs ignored), and the paired difference to identity.
 
@@ -187,12 +198,6 @@ def summary_markdown(summary: dict, title: str) -> str:
     def cell(m: dict) -> str:
         return f"{m['mean']:.3f} ± {m['std']:.3f}" if m["n"] else "-"
 
-    def gain(m: dict) -> str:
-        d = m["vs_identity"]
-        if not d["n"]:
-            return "-"
-        return f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" if d["n"] > 1 else f"{d['mean']:+.3f}"
-
     n = max(m["n"] for method in summary.values() for m in method.values())
     lines = [f"### {title}", "",
              f"{n} cases; mean ± SD over cases; gain = paired difference to identity with its 95 % CI.", "",
@@ -200,7 +205,7 @@ def summary_markdown(summary: dict, title: str) -> str:
              "|---" * (len(TABLE_COLUMNS) + 4) + "|"]
     for method, metrics in summary.items():
         cells = [cell(metrics[c]) for c in TABLE_COLUMNS]
-        gains = [gain(metrics[c]) for c in ("psnr_lungs", "ssim_lungs", "psnr_change")]
+        gains = [format_difference(metrics[c]["vs_identity"]) for c in ("psnr_lungs", "ssim_lungs", "psnr_change")]
         lines.append(f"| {method} | " + " | ".join(cells + gains) + " |")
     return "\n".join(lines) + "\n"
 

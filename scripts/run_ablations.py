@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cirresdiff_bundle.cli import ABLATIONS  # noqa: E402
 from cirresdiff_bundle.demo import DEMO_SETTINGS, UNGATED, weights_to_evaluate  # noqa: E402
 from cirresdiff_bundle.runner import run_config  # noqa: E402
-from custom.evaluation import paired_difference  # noqa: E402
+from custom.evaluation import format_difference, paired_difference  # noqa: E402
 from custom.io import atomic_write_bytes, write_png  # noqa: E402
 
 METRICS = ("psnr_lungs", "ssim_lungs", "psnr_change", "ssim_change")
@@ -136,7 +136,7 @@ def table(per_row: dict[str, dict[str, np.ndarray]]) -> str:
             cells = []
             for metric in METRICS:
                 d = paired_difference(values[metric], reference[metric])
-                cells.append(f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]")
+                cells.append(format_difference(d))
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from custom.evaluation import change_region, paired_difference, smoothed  # noqa: E402
+from custom.evaluation import change_region, format_difference, paired_difference, smoothed  # noqa: E402
 from custom.io import atomic_write_bytes, write_json  # noqa: E402
 from custom.metrics import masked_psnr  # noqa: E402
 from scripts.evaluate_heldout import common_arguments, datalist_entries, load_case  # noqa: E402
@@ -87,7 +87,7 @@ def main() -> None:
             for label, baseline in against.items():
                 d = paired_difference(np.array(scores[m]), np.array(baseline[m]))
                 report[name][f"{m}_vs_{label}"] = d
-                cells.append(f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]")
+                cells.append(format_difference(d))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
     print(table)

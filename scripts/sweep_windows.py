@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from custom.evaluation import change_region, paired_difference  # noqa: E402
+from custom.evaluation import change_region, format_difference, paired_difference  # noqa: E402
 from custom.io import atomic_write_bytes, write_json  # noqa: E402
 from scripts import evaluate_heldout as heldout  # noqa: E402
 from scripts.sweep_output_smoothing import psnr  # noqa: E402
@@ -60,12 +60,13 @@ def main() -> None:
         region = torch.as_tensor(case["mask"] > 0)
         new_lesions = torch.as_tensor(case["new_lesions"]) if "new_lesions" in case else None
         regions = {"lungs": lungs, "change": change_region(y0[0], x0, lungs, args.threshold, new_lesions)}
+        # every setting has the same weights and text encoder: the record is encoded once
+        context = heldout.case_context(models[names[0]][2], case)
         predictions = {"identity": y0[0]}
         for name in names:
             window, _, axis = name.partition(" + flip ")
-            network, inferer, text_encoder = models[window]
+            network, inferer, _ = models[window]
             dims = (int(axis) + 2,) if axis else ()
-            context = heldout.case_context(text_encoder, case)
             start = time.perf_counter()
             mean = inferer.predict_mean(torch.flip(y0, dims), network, context, case["weeks"])
             mean = torch.flip(mean, dims)[0]
@@ -86,8 +87,8 @@ def main() -> None:
         d = {"lungs_vs_identity": paired_difference(scores[name]["lungs"], scores["identity"]["lungs"]),
              **{f"{r}_vs_reference": paired_difference(scores[name][r], reference[r]) for r in REGIONS}}
         report[name] = {**d, "seconds_per_case": float(np.mean(seconds[name]))}
-        cells = [f"{v['mean']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}]" for v in d.values()]
-        lines.append(f"| {name} | {report[name]['seconds_per_case']:.1f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {report[name]['seconds_per_case']:.1f} | "
+                     + " | ".join(format_difference(v) for v in d.values()) + " |")
     table = "\n".join(lines) + "\n"
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
