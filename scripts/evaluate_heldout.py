@@ -10,7 +10,9 @@ mean of N samples per case (slow: one network pass per reverse step).
 ``<out>/predictions/<patient>.nii.gz``, for ``scripts/evaluate_progression.py``; ``--predictions DIR``
 scores such saved predictions instead of running the model. The model gets
 each case's own interval to the follow-up (``FollowupWeeks``); ``--weeks W`` gives every case W
-instead (e.g. 52, to measure what the interval input is worth).
+instead (e.g. 52, to measure what the interval input is worth); ``--shift-records`` gives every case the
+lung-function record of the next case in the datalist, its own scans and interval kept (what the text
+input is worth to these weights: a permutation test).
 
     python scripts/evaluate_heldout.py --prepared data/heldout/prepared --out runs/heldout
     python scripts/evaluate_heldout.py --prepared data/heldout/prepared --out runs/heldout --samples 8 --limit 10
@@ -118,6 +120,8 @@ def main() -> None:
                         help="score these saved mean predictions (<patient>.nii.gz) instead of running the model")
     parser.add_argument("--weeks", type=float, default=None,
                         help="interval given to every case (default: each case's FollowupWeeks)")
+    parser.add_argument("--shift-records", action="store_true",
+                        help="give each case the next case's lung-function record (own scans and interval)")
     args = parser.parse_args()
     if args.predictions is not None and (args.samples or args.baselines_only):
         parser.error("--predictions scores saved mean predictions: no --samples or --baselines-only with it")
@@ -129,8 +133,11 @@ def main() -> None:
         network, inferer, text_encoder = build(args.ckpt_dir, overrides)
         network.eval()
     rows, sample_rows, times = [], {"sample": [], f"mean_of_{args.samples}": []}, []
-    for entry in entries:
-        case = load_case(entry, args.weeks)
+    records = [entry.get("record") for entry in entries]
+    if args.shift_records:
+        records = records[1:] + records[:1]
+    for entry, record in zip(entries, records):
+        case = {**load_case(entry, args.weeks), "record": record}
         y0 = torch.as_tensor(case["image"])[None]
         start = time.perf_counter()
         if args.baselines_only:
@@ -157,7 +164,8 @@ def main() -> None:
               f"{rows[-1]['identity_psnr_lungs']:.2f} dB (lungs) in {times[-1]:.1f} s", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     extra = {"prepared": str(args.prepared), "seconds_per_case": float(np.mean(times)), "ckpt_dir": str(args.ckpt_dir),
-             "weeks": "each case's FollowupWeeks" if args.weeks is None else args.weeks}
+             "weeks": "each case's FollowupWeeks" if args.weeks is None else args.weeks,
+             "records": "the next case's" if args.shift_records else "each case's own"}
     summary = write_report(rows, args.out, f"mean prediction on {args.prepared}", extra)
     print((args.out / "summary.md").read_text(encoding="utf-8"))
     for name, these in sample_rows.items():
