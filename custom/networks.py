@@ -172,6 +172,12 @@ class AttentionDiffusionUNet(nn.Module):
         use_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        for name, flag in (("with_conditioning", with_conditioning), ("residual_output", residual_output),
+                           ("interval_conditioning", interval_conditioning), ("interval_scaling", interval_scaling)):
+            if not isinstance(flag, bool):
+                # `python -m monai.bundle run ... --use_text false` passes the string "false", which is true
+                raise TypeError(f"{name} must be True or False, got {flag!r}; on a monai.bundle command line write "
+                                "True or False with a capital letter (lowercase true/false arrive as strings)")
         if interval_scaling and not residual_output:
             raise ValueError("interval_scaling scales the predicted change, so it needs residual_output=True.")
         if len(attention_levels) != len(channels):

@@ -8,7 +8,8 @@ posterior sample as the inferer draws it (stopped at the weights' ``sample_outpu
 mean of N samples per case (slow: one network pass per reverse step).
 ``--save-predictions`` writes each mean prediction (model grid, [0, 1]) to
 ``<out>/predictions/<patient>.nii.gz``, for ``scripts/evaluate_progression.py``; ``--predictions DIR``
-scores such saved predictions instead of running the model. The model gets
+scores such saved predictions instead of running the model, and ``--predictions DIR1 DIR2 ...`` their
+voxel-wise mean (an ensemble of models). The model gets
 each case's own interval to the follow-up (``FollowupWeeks``); ``--weeks W`` gives every case W
 instead (e.g. 52, to measure what the interval input is worth); ``--shift-records`` gives every case the
 lung-function record of the next case in the datalist, its own scans and interval kept (what the text
@@ -116,8 +117,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=0, help="also score 1 sample and the mean of N samples")
     parser.add_argument("--baselines-only", action="store_true", help="score the reference rows alone (no model)")
     parser.add_argument("--save-predictions", action="store_true", help="write each mean prediction as NIfTI")
-    parser.add_argument("--predictions", type=Path, default=None,
-                        help="score these saved mean predictions (<patient>.nii.gz) instead of running the model")
+    parser.add_argument("--predictions", type=Path, nargs="+", default=None,
+                        help="score these saved mean predictions (<patient>.nii.gz) instead of running the model; "
+                             "several folders: their voxel-wise mean")
     parser.add_argument("--weeks", type=float, default=None,
                         help="interval given to every case (default: each case's FollowupWeeks)")
     parser.add_argument("--shift-records", action="store_true",
@@ -143,8 +145,9 @@ def main() -> None:
         if args.baselines_only:
             prediction = y0[0]
         elif args.predictions is not None:
-            saved = nib.load(args.predictions / f"{case['patient']}.nii.gz").dataobj
-            prediction = torch.as_tensor(np.asarray(saved, dtype=np.float32))[None]
+            saved = [np.asarray(nib.load(folder / f"{case['patient']}.nii.gz").dataobj, dtype=np.float32)
+                     for folder in args.predictions]
+            prediction = torch.as_tensor(np.mean(saved, axis=0))[None]
         else:
             context = case_context(text_encoder, case)
             region = torch.as_tensor(case["mask"] > 0)
@@ -166,6 +169,8 @@ def main() -> None:
     extra = {"prepared": str(args.prepared), "seconds_per_case": float(np.mean(times)), "ckpt_dir": str(args.ckpt_dir),
              "weeks": "each case's FollowupWeeks" if args.weeks is None else args.weeks,
              "records": "the next case's" if args.shift_records else "each case's own"}
+    if args.predictions is not None:
+        extra["predictions"] = [str(folder) for folder in args.predictions]
     summary = write_report(rows, args.out, f"mean prediction on {args.prepared}", extra)
     print((args.out / "summary.md").read_text(encoding="utf-8"))
     for name, these in sample_rows.items():

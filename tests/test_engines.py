@@ -8,6 +8,7 @@ from monai.networks.schedulers import DDPMScheduler
 
 from custom.engines import (
     DiffusionPrepareBatch,
+    GradientNormClipping,
     ResidualShiftPrepareBatch,
     SamplingPrepareBatch,
     WeightedMSELoss,
@@ -124,3 +125,29 @@ def test_the_interval_reaches_the_network_in_training_and_evaluation_batches():
     assert kwargs["weeks"].tolist() == [26.0, 52.0, 70.0]
     *_, kwargs = SamplingPrepareBatch()(_batch())
     assert "weeks" not in kwargs  # no interval known: the network's default
+
+
+def _one_sgd_step(max_norm):
+    """The weight change of one SGD step (lr 1) of a linear map on a loss with a gradient norm of 400."""
+    from monai.engines import SupervisedTrainer
+
+    network = torch.nn.Linear(4, 1, bias=False)
+    torch.nn.init.zeros_(network.weight)
+    before = network.weight.detach().clone()
+    data = [{"image": torch.full((2, 4), 10.0), "label": torch.full((2, 1), 10.0)}]
+    trainer = SupervisedTrainer(device="cpu", max_epochs=1, train_data_loader=data, network=network,
+                                optimizer=torch.optim.SGD(network.parameters(), lr=1.0),
+                                loss_function=torch.nn.MSELoss(), train_handlers=[GradientNormClipping(max_norm)])
+    trainer.run()
+    return (network.weight.detach() - before).norm().item(), trainer
+
+
+def test_gradient_clipping_bounds_the_step_and_off_leaves_it():
+    # d/dw mean((10 * sum(w) - 10)^2) at w = 0 is -200 per weight: a gradient norm of 400
+    step, trainer = _one_sgd_step(1.0)
+    assert step == pytest.approx(1.0, rel=1e-5)
+    assert trainer.state.grad_norm == pytest.approx(400.0, rel=1e-5)
+    assert _one_sgd_step(None)[0] == pytest.approx(400.0, rel=1e-5)
+    assert _one_sgd_step(1000.0)[0] == pytest.approx(400.0, rel=1e-5)
+    with pytest.raises(ValueError, match="max_norm"):
+        GradientNormClipping(-1.0)

@@ -103,6 +103,10 @@ def test_invalid_configurations_are_refused():
         _tiny(attention_levels=(False, True))
     with pytest.raises(ValueError, match="norm_num_groups"):
         _tiny(norm_num_groups=3)
+    # what `monai.bundle run --use_text false` passes: a string, which would switch the text on
+    for flag in ("with_conditioning", "residual_output", "interval_conditioning", "interval_scaling"):
+        with pytest.raises(TypeError, match=f"{flag} must be True or False, got 'false'"):
+            _tiny(**{flag: "false"})
 
 
 def test_residual_output_starts_as_the_identity_and_learns():

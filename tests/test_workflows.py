@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -430,3 +431,23 @@ def test_the_window_settings_reach_the_inferer_from_the_config(bundle_root):
     window = parser.get_parsed_content("inferer", instantiate=True).window
     # scripts/sweep_windows.py compares window settings through these three ids alone
     assert (tuple(window.roi_size), window.overlap, window.sigma_scale) == ((48, 48, 48), 0.5, 0.25)
+
+
+def test_gradient_clipping_reaches_the_trainer_from_one_config_value(bundle_root):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle_root / "configs" / "train.json"))
+    parser.get_parsed_content("imports")
+    clipping = [h for h in parser["train"]["handlers"] if isinstance(h, dict)
+                and h.get("_target_") == "custom.engines.GradientNormClipping"]
+    assert len(clipping) == 1
+    index = parser["train"]["handlers"].index(clipping[0])
+    assert parser.get_parsed_content(f"train#handlers#{index}").max_norm is None  # the shipped recipe: off
+    parser["grad_clip_norm"] = 0.5
+    parser.parse()
+    assert parser.get_parsed_content(f"train#handlers#{index}").max_norm == 0.5
+    # every rank of the multi-GPU training clips (the other ranks' handlers are a prefix of the list)
+    multi = (bundle_root / "configs" / "multi_gpu_train.json").read_text()
+    prefix = int(re.search(r"@train#handlers\[:(\d+)\]", multi).group(1))
+    assert index < prefix
