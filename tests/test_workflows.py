@@ -443,7 +443,7 @@ def test_gradient_clipping_reaches_the_trainer_from_one_config_value(bundle_root
                 and h.get("_target_") == "custom.engines.GradientNormClipping"]
     assert len(clipping) == 1
     index = parser["train"]["handlers"].index(clipping[0])
-    assert parser.get_parsed_content(f"train#handlers#{index}").max_norm is None  # the shipped recipe: off
+    assert parser.get_parsed_content(f"train#handlers#{index}").max_norm == 1.0  # the adult recipe's
     parser["grad_clip_norm"] = 0.5
     parser.parse()
     assert parser.get_parsed_content(f"train#handlers#{index}").max_norm == 0.5
