@@ -36,7 +36,7 @@ DEMO_SETTINGS = {
     # The interval input is off: trained from scratch in 720 iterations, the model with it fell to
     # -1.43 dB below identity on the test patients (+0.82 without it, the same day); the shipped model was
     # fine-tuned into it from weights that already predicted the change. The demo's recipe was measured
-    # without gradient clipping (train.json clips since 0.9.0), so it keeps it off (0).
+    # without gradient clipping (train.json clips since 0.9.0, as its weights were trained), so it keeps it off (0).
     "train": {"max_epochs": 90, "val_interval": 80, "patches_per_case": 2, "batch_size": 2,
               "learning_rate": 0.002, "warmup_iterations": 50, "ema_momentum": 0.01, "num_workers": 0,
               "interval_conditioning": False, "interval_scaling": False, "grad_clip_norm": 0.0},
