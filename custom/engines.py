@@ -122,11 +122,10 @@ class WeightedMSELoss(torch.nn.Module):
 class GradientNormClipping:
     """Clip the global L2 norm of the gradients of every optimizer step (attach to a MONAI trainer).
 
-    The guard used in diffusion training since DDPM (Ho et al., NeurIPS 2020, their released
-    training setup clips at 1); the shipped weights of 0.9.0 were trained with it. A divergence of
-    the adult recipe's warm-up seen on 2026-12-08 (loss 0.01 -> 21) came from the interval parts
-    switched on from scratch by a string flag, not from its absence: without clipping and with the
-    flags right, the same warm-up stayed at 0.01.
+    The guard used in diffusion training since DDPM (Ho et al., NeurIPS 2020, whose released
+    training setup clips at 1); the shipped weights of 0.9.0 were trained with it, and its effect on
+    this recipe is not measured (the card's "What diverged, and the clipping").
+
     It runs on MONAI's ``BACKWARD_COMPLETED`` event, after the backward pass and before the step;
     under AMP it unscales the gradients first, so the norm is the true one.
 
