@@ -117,7 +117,8 @@ def report(folder_a: Path, folder_b: Path) -> str:
         folder_b: output folder of run B, of the same script.
     """
     if (folder_a / METRICS_FILE).is_file() and (folder_b / METRICS_FILE).is_file():
-        rows = [list(csv.DictReader((folder / METRICS_FILE).open())) for folder in (folder_a, folder_b)]
+        rows = [list(csv.DictReader((folder / METRICS_FILE).read_text().splitlines()))
+                for folder in (folder_a, folder_b)]
         n, differences = compare_metrics(*rows)
         lines = [f"{folder_a} - {folder_b}: {n} patients, paired difference (mean [95 % t CI])", "",
                  "| metric | A - B |", "| --- | --- |"]
